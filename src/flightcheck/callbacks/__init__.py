@@ -1,0 +1,1 @@
+"""Lightning callbacks: they gather inputs at the right hook, keep state and report."""
