@@ -158,7 +158,7 @@ def shapes_image(label_map: torch.Tensor, noise_std: float, generator: torch.Gen
     return (clean + noise).unsqueeze(1)
 
 
-def per_pixel_rule(images: torch.Tensor, noise_std: float, class_frequencies: torch.Tensor) -> torch.Tensor:
+def per_pixel_rule(images: torch.Tensor, noise_std: float, priors: torch.Tensor) -> torch.Tensor:
     """The reference segmenter: each pixel's most probable class given its own intensity alone.
 
     With Gaussian noise around each class's level (:data:`SHAPE_LEVELS`) and the classes'
@@ -170,7 +170,7 @@ def per_pixel_rule(images: torch.Tensor, noise_std: float, class_frequencies: to
     Args:
         images: ``(N, 1, H, W)`` images.
         noise_std: the pixel noise's standard deviation (0: the nearest level).
-        class_frequencies: ``(3,)`` share of pixels of each class.
+        priors: ``(3,)`` share of pixels of each class (see :func:`class_frequencies`).
 
     Returns:
         ``(N, H, W)`` class ids.
@@ -179,7 +179,7 @@ def per_pixel_rule(images: torch.Tensor, noise_std: float, class_frequencies: to
     distance = (images - levels) ** 2  # (N, 3, H, W)
     if noise_std == 0:
         return distance.argmin(1)
-    log_prior = class_frequencies.clamp(min=1e-12).log().view(1, -1, 1, 1)
+    log_prior = priors.clamp(min=1e-12).log().view(1, -1, 1, 1)
     return (log_prior - distance / (2 * noise_std**2)).argmax(1)
 
 
@@ -224,22 +224,22 @@ def shape_boxes(centers: torch.Tensor, radii: torch.Tensor) -> torch.Tensor:
 
 
 def threshold_box_rule(
-    images: torch.Tensor, num_objects: int, noise_std: float, class_frequencies: torch.Tensor
+    images: torch.Tensor, num_objects: int, noise_std: float, priors: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The reference detector for :class:`ShapesDetection`: in each of the ``num_objects``
     vertical strips, the tight box of the pixels :func:`per_pixel_rule` calls a shape, and the
     class most of them have. Returns ``(N, K, 4)`` boxes and ``(N, K)`` labels."""
-    classes = per_pixel_rule(images, noise_std, class_frequencies)
+    classes = per_pixel_rule(images, noise_std, priors)
     n, h, w = classes.shape
     strip = w // num_objects
     boxes = torch.zeros(n, num_objects, 4)
     labels = torch.full((n, num_objects), SQUARE, dtype=torch.int64)
     idx_r, idx_c = torch.arange(h), torch.arange(strip)
+    big = torch.tensor(10**6)  # stands in for "no shape pixel here" in the min/max below
     for k in range(num_objects):
         part = classes[:, :, k * strip : (k + 1) * strip]
         fg = part != BACKGROUND
         any_row, any_col = fg.any(2), fg.any(1)
-        big = torch.tensor(10**6)
         y1 = torch.where(any_row, idx_r, big).min(1).values
         y2 = torch.where(any_row, idx_r, -big).max(1).values + 1
         x1 = torch.where(any_col, idx_c, big).min(1).values + k * strip

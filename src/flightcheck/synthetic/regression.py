@@ -162,10 +162,13 @@ class KnownFunctionRegression(SyntheticDataModule):
         }
 
     def _summary(self) -> str:
-        name = self.fn if isinstance(self.fn, str) else getattr(self.fn, "__name__", "a callable")
+        if callable(self.fn):
+            name, out = getattr(self.fn, "__name__", "fn"), "(B, 1) or (B, k)"
+        else:
+            name, out = {"linear": "w·x", "sine": "sin(2 w·x)"}[self.fn], "(B, 1)"
         return (
-            f"y = {name}(x) + N(0, {self.noise_std:g}²) with x ~ N(0, I_{self.dim}); "
-            f"x float32 (B, {self.dim}), y float32 (B, 1)"
+            f"y = {name} + N(0, {self.noise_std:g}²) with x ~ N(0, I_{self.dim}); "
+            f"x float32 (B, {self.dim}), y float32 {out}"
         )
 
 

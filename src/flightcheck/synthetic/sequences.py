@@ -123,8 +123,8 @@ class SequenceClassification(ClassificationAnswers, SyntheticDataModule):
             "majority": f"which of tokens 1..{self.num_classes} is most frequent",
             "parity": "is token 1 there an odd number of times",
         }[self.rule]
-        noise = f", {self.label_noise:.0%} labels flipped" if self.label_noise else ""
+        noise = f" with {self.label_noise:.0%} of labels flipped" if self.label_noise else ""
         return (
-            f"'{self.rule}' rule ({what}){noise} on sequences of {self.seq_len} tokens from a vocabulary "
-            f"of {self.vocab_size}; tokens int64 (B, {self.seq_len}), y int64 (B,)"
+            f"'{self.rule}' rule ({what}) on sequences of {self.seq_len} tokens from a vocabulary "
+            f"of {self.vocab_size}{noise}; tokens int64 (B, {self.seq_len}), y int64 (B,)"
         )
