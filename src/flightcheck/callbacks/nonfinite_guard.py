@@ -1,0 +1,998 @@
+r"""NonFiniteGuard: catch NaN/Inf in the loss, logged metrics, gradients and weights.
+
+Watches, on every training batch, the loss, every logged training metric (so a multi-part
+loss logged as parts says which part went bad) and, on every optimizer step, the gradients
+(the shared fused norm read, :func:`~flightcheck.signals.norms.step_grad_norms`). The
+weights are checked whenever the guard looks. When something goes non-finite it replays
+the offending batch with forward hooks on every module, in the state before the bad
+update, and reports whether the value came in with the data or was made inside (and by
+which module); it saves the batch and the weights to reproduce it, then acts.
+
+Cost:
+    ``action="warn"`` (the default) never synchronises with the device on ordinary steps:
+    the step, batch and value at which each quantity first went non-finite are kept in
+    device tensors (``torch.where``) and read once per logging interval
+    (``trainer.log_every_n_steps``), as one tensor, and at epoch and training end. A
+    problem is therefore reported up to ``log_every_n_steps`` steps late; by then the bad
+    update has usually reached the weights, and the guard says so rather than replay a
+    batch through broken weights. It can replay (and save a reproducer) when the logging
+    step is itself bad and the weights are still finite.
+
+    ``"skip"``, ``"stop"`` and ``"raise"`` must decide before the optimizer applies the
+    update, so they read one boolean per optimizer step: one host-device synchronisation
+    per step (plus one ``all_reduce`` under DDP). On a GPU this stalls the CPU until the
+    step's backward has finished, which costs the overlap of the next step's data loading
+    and kernel launches with this step's compute: small for large models, noticeable for
+    small fast steps. Under gradient accumulation they also keep references to the
+    window's batches (no copies) so the offending micro-batch can be replayed.
+
+Actions:
+    - ``warn``: report and carry on.
+    - ``skip``: the bad update is not applied. The gradients of the optimizer's parameters
+      are set to ``None`` before ``optimizer.step()`` runs; PyTorch optimizers skip
+      parameters without a gradient entirely (no momentum, Adam moment, step count or
+      weight-decay change), so weights and optimizer state stay as they were. Lightning
+      gives a callback no way to cancel ``optimizer.step()`` itself (``on_before_optimizer_step``
+      runs inside the closure the optimizer calls). If the weights are already non-finite,
+      skipping cannot recover and the guard stops the run instead.
+    - ``stop``: skip the bad update as above, ask the trainer to stop
+      (``trainer.should_stop``) and save a full, resumable checkpoint of the last good
+      state to ``<log_dir>/flightcheck/nonfinite_step<k>/last_good.ckpt``.
+    - ``raise``: raise :class:`~flightcheck.errors.NonFiniteError` (never swallowed).
+
+Mixed precision:
+    Under ``16-mixed`` with a loss scaler, overflow steps that the scaler skips (inf/NaN
+    gradients, then a halved scale) are normal and not reported. The guard reports, and
+    acts on, a non-finite loss, and a scale that collapsed below ``min_loss_scale``.
+
+Example::
+
+    from flightcheck.callbacks.nonfinite_guard import NonFiniteGuard
+
+    trainer = L.Trainer(callbacks=[NonFiniteGuard(action="stop")])
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Callable, Hashable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from flightcheck.callbacks.base import FlightcheckCallback, OnFinding, logging_due
+from flightcheck.checks import Verdict
+from flightcheck.checks.nonfinite import (
+    CHECK,
+    DEFAULT_MIN_LOSS_SCALE,
+    ModuleCall,
+    NonFiniteEvent,
+    Origin,
+    count_nonfinite,
+    locate_origin,
+    loss_scale_verdict,
+    mark_first_nonfinite,
+    nonfinite_verdict,
+)
+from flightcheck.errors import NonFiniteError
+from flightcheck.findings import Finding
+from flightcheck.signals.norms import foreach_norms, step_grad_norms
+from flightcheck.utils import modes_preserved, preserved_rng, tensors_in
+
+ACTIONS = ("warn", "skip", "stop", "raise")
+_SYNCED_ACTIONS = ("skip", "stop", "raise")
+
+# Each reproducer holds a full copy of the weights: keep the first few episodes only.
+_MAX_REPRODUCERS = 5
+
+# A model whose set of parameters with gradients changes from step to step (conditional
+# computation, mixture of experts) would otherwise grow one record per set; past this many
+# sets, gradients are tracked as one total.
+_MAX_PARAMETER_SETS = 16
+
+
+class NonFiniteGuard(FlightcheckCallback):
+    r"""Catch NaN/Inf during training, find where it was made, keep what reproduces it, and act.
+
+    Args:
+        action: what to do when the loss, the gradients or the weights go non-finite:
+            ``"warn"`` (default: report only, and never synchronise with the GPU on
+            ordinary steps), ``"skip"`` (drop the bad update), ``"stop"`` (drop it, stop
+            gracefully and save a last good checkpoint) or ``"raise"`` (raise
+            :class:`~flightcheck.errors.NonFiniteError`). The last three cost one
+            host-device synchronisation per optimizer step. A metric that is only logged
+            (not the loss) going non-finite is reported but never acted on.
+        min_loss_scale: under ``16-mixed`` with a loss scaler, the scale below which it
+            counts as collapsed. Default 1.0, the default floor of DeepSpeed and
+            Megatron-LM: below it gradients are non-finite whatever the scale.
+        replay: replay the offending batch with forward hooks to find the module that made
+            the value. The replay restores RNG states, module modes, buffers and module
+            attributes, and leaves no gradient behind.
+        save_reproducer: save the offending batch (on CPU), the step and the weights before
+            the bad update to ``<log_dir>/flightcheck/nonfinite_step<k>/`` (global rank 0).
+        on_finding: called with each new finding (see :class:`FlightcheckCallback`).
+
+    Example::
+
+        trainer = L.Trainer(callbacks=[NonFiniteGuard(action="skip")])
+        trainer.fit(model, datamodule=dm)
+        for finding in flightcheck.findings(trainer):
+            print(finding.format())
+    """
+
+    name = "nonfinite_guard"
+
+    def __init__(
+        self,
+        action: str = "warn",
+        *,
+        min_loss_scale: float = DEFAULT_MIN_LOSS_SCALE,
+        replay: bool = True,
+        save_reproducer: bool = True,
+        on_finding: OnFinding | None = None,
+    ) -> None:
+        super().__init__(on_finding=on_finding)
+        if action not in ACTIONS:
+            raise ValueError(f"NonFiniteGuard(action={action!r}) is not supported; accepted values: {list(ACTIONS)}")
+        if isinstance(min_loss_scale, bool) or not isinstance(min_loss_scale, (int, float)) or not min_loss_scale > 0:
+            raise ValueError(f"NonFiniteGuard(min_loss_scale={min_loss_scale!r}) must be a number > 0, e.g. 1.0")
+        for flag, value in (("replay", replay), ("save_reproducer", save_reproducer)):
+            if not isinstance(value, bool):
+                raise TypeError(f"NonFiniteGuard({flag}=...) must be True or False, got {value!r}")
+        self.action = action
+        self.min_loss_scale = float(min_loss_scale)
+        self.replay = replay
+        self.save_reproducer = save_reproducer
+        self._synced = action in _SYNCED_ACTIONS
+        self._first = _FirstNonFinite()
+        self._scale = _LossScaleWatch()
+        self._reset_run_state()
+        self.skipped_steps = 0
+        self.reproducers: list[str] = []
+        self._active_targets: set[str] = set()
+
+    def _reset_run_state(self) -> None:
+        self._param_names: dict[int, str] = {}
+        self._window: list[tuple[Any, int]] = []
+        self._window_open = False
+        self._batch_step = 0
+        self._batch_idx = -1
+        self._loss_seen = False
+        self._last_logged: dict[str, Tensor] = {}
+        self._pending_loss_bad: Tensor | None = None
+        self._checkpoint_due: str | None = None
+        self._batches_since_look = 0
+        self._last_bad_step = -1
+
+    # ------------------------------------------------------------------ hooks
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        self._reset_run_state()
+        self._first = _FirstNonFinite()
+        self._scale = _LossScaleWatch()
+        self._param_names = {id(p): n for n, p in pl_module.named_parameters()}
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        if not self._window_open or not self._synced or not pl_module.automatic_optimization:
+            self._window = []
+        # references, not copies; only the synced modes keep a whole accumulation window
+        keep = int(getattr(trainer, "accumulate_grad_batches", 1) or 1) - 1
+        self._window = (self._window[-keep:] if keep > 0 else []) + [(batch, batch_idx)]
+        self._window_open = True
+        self._batch_step = int(trainer.global_step)
+        self._batch_idx = int(batch_idx)
+        self._batches_since_look += 1
+        self._loss_seen = False
+        # One fused read of the batch's float tensors: a late look can still tell that the
+        # non-finite value came in with the data, after the batch itself is gone.
+        floats = [(path, t) for path, t in tensors_in(batch) if t.is_floating_point() and t.numel() > 0]
+        if floats:
+            paths = tuple(path for path, _ in floats)
+            self._first.update(("data", paths), "data", paths, foreach_norms([t.detach() for _, t in floats]),
+                               self._batch_step, self._batch_idx)
+
+    def on_before_backward(self, trainer: Any, pl_module: Any, loss: Tensor) -> None:
+        value = _scalar_values([loss])
+        if value is None:
+            return
+        self._loss_seen = True
+        self._first.update(("loss",), "loss", ("loss",), value, self._batch_step, self._batch_idx)
+        if self._synced:
+            bad = ~torch.isfinite(value).all()
+            self._pending_loss_bad = bad if self._pending_loss_bad is None else self._pending_loss_bad | bad
+
+    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+        params, norms = step_grad_norms(trainer, optimizer)
+        if params:
+            self._record_gradients(params, norms)
+        self._record_metrics(trainer)
+        scaler = _loss_scaler(trainer)
+        if scaler is not None and norms.numel():
+            self._scale.record_step(~torch.isfinite(norms).all())
+        self._window_open = False
+        if self._synced:
+            self._decide(trainer, pl_module, optimizer, params, norms, scaler)
+        elif logging_due(trainer):
+            self._look(trainer, pl_module, pre_step=True, acting=False)
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if not self._loss_seen:
+            value = _scalar_values([_loss_of(outputs)])
+            if value is not None:
+                self._first.update(("loss",), "loss", ("loss",), value, self._batch_step, self._batch_idx)
+        self._record_metrics(trainer)
+        scaler = _loss_scaler(trainer)
+        if scaler is not None:
+            self._scale.record_scale(scaler)
+        if self._checkpoint_due is not None:
+            path, self._checkpoint_due = self._checkpoint_due, None
+            trainer.save_checkpoint(path)
+
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        look = self._look(trainer, pl_module, pre_step=False, acting=self._synced)
+        if self._synced and look.actionable:
+            self._act(trainer, None, look)
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        self._look(trainer, pl_module, pre_step=False, acting=False)
+        self._window = []
+
+    # ------------------------------------------------------------------ gathering
+    def _record_gradients(self, params: Sequence[Tensor], norms: Tensor) -> None:
+        key: Hashable = ("gradient", tuple(map(id, params)))
+        if key not in self._first.groups and self._first.count("gradient") >= _MAX_PARAMETER_SETS:
+            self._first.update(("gradient", "total"), "gradient", ("(all parameters)",), norms.sum().reshape(1),
+                               self._batch_step, self._batch_idx)
+            return
+        names = self._param_names
+        self._first.update(key, "gradient", lambda: tuple(names.get(id(p), "?") for p in params), norms,
+                           self._batch_step, self._batch_idx)
+
+    def _record_metrics(self, trainer: Any) -> None:
+        # Only values logged since the last record: Lightning keeps a metric's last value
+        # until it is logged again, and each ``self.log`` stores a new tensor.
+        logged = {
+            name: value
+            for name, value in _logged_training_values(trainer).items()
+            if self._last_logged.get(name) is not value
+        }
+        if not logged:
+            return
+        self._last_logged.update(logged)
+        names = tuple(logged)
+        values = _scalar_values(list(logged.values()))
+        if values is not None:
+            self._first.update(("metric", names), "metric", names, values, self._batch_step, self._batch_idx)
+
+    # ------------------------------------------------------------------ deciding (skip / stop / raise)
+    def _decide(self, trainer: Any, pl_module: Any, optimizer: Any, params: Sequence[Tensor], norms: Tensor,
+                scaler: Any) -> None:
+        """The synced modes: one host read per optimizer step, then every rank takes the same decision."""
+        loss_bad = self._pending_loss_bad
+        self._pending_loss_bad = None
+        # Under a loss scaler, inf/NaN gradients are overflow steps the scaler skips itself.
+        grads_bad = (~torch.isfinite(norms)).any() if scaler is None and norms.numel() else None
+        flags = [f.reshape(()) for f in (loss_bad, grads_bad) if f is not None]
+        read = _to_host(flags)  # the one synchronisation per step of these modes
+        bad_loss = bool(read[0]) if loss_bad is not None else False
+        bad_grads = bool(read[-1]) if grads_bad is not None else False
+        if bad_grads and not bad_loss:
+            bad_grads = _gradients_really_nonfinite(params, norms)
+        bad = bool(trainer.strategy.reduce_boolean_decision(bad_loss or bad_grads, all=False))
+        if bad:
+            self._act(trainer, optimizer, self._look(trainer, pl_module, pre_step=True, acting=True, forced=True))
+        elif logging_due(trainer):
+            look = self._look(trainer, pl_module, pre_step=True, acting=True)
+            if look.actionable:
+                self._act(trainer, optimizer, look)
+
+    def _act(self, trainer: Any, optimizer: Any, look: _Look) -> None:
+        """Carry out ``look.action``; ``optimizer`` is ``None`` outside an optimizer step."""
+        if look.action == "raise":
+            message = look.verdict.message if look.verdict is not None else "non-finite values in training"
+            raise NonFiniteError(message, finding=look.finding)
+        if look.action in ("skip", "stop") and optimizer is not None:
+            # Optimizers skip parameters whose gradient is None: no update, no state change.
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    p.grad = None
+            self.skipped_steps += 1
+        if look.action == "stop":
+            trainer.should_stop = True
+            if optimizer is None and look.checkpoint is not None:
+                trainer.save_checkpoint(look.checkpoint)
+            else:
+                self._checkpoint_due = look.checkpoint
+
+    # ------------------------------------------------------------------ looking (one transfer)
+    def _look(self, trainer: Any, pl_module: Any, *, pre_step: bool, acting: bool, forced: bool = False) -> _Look:
+        """Read every device-side record at once, report what went non-finite, decide the action.
+
+        ``pre_step``: called before the optimizer step, with the current batch still held;
+        ``acting``: the caller carries out the action (else the finding says ``warn``);
+        ``forced``: the shared decision was "bad", perhaps on another rank only.
+        """
+        covered, self._batches_since_look = self._batches_since_look, 0
+        named = dict(pl_module.named_parameters())
+        weight_norms = foreach_norms([p.detach() for p in named.values()]) if named else None
+        parts = self._first.tensors() + self._scale.tensors() + ([weight_norms] if weight_norms is not None else [])
+        host = _to_host(parts)
+        events, host = self._first.events(host)
+        data_events = [e for e in events if e.kind == "data"]  # evidence only, never news on its own
+        events = [e for e in events if e.kind != "data"]
+        scale_figures, host = self._scale.figures(host)
+        self._first.reset()
+        self._scale.reset()
+        bad_weights = _nonfinite_parameters(named, host) if weight_norms is not None else []
+
+        if _loss_scaler(trainer) is not None:
+            events = [e for e in events if e.kind != "gradient"]  # overflow steps the scaler skips
+        elif pre_step:
+            events = _drop_norm_overflows(events, named, self._batch_step)
+        events += [NonFiniteEvent("weight", n, self._batch_step, self._batch_idx) for n in bad_weights]
+        if any(e.kind in ("loss", "gradient") for e in events):
+            self._last_bad_step = max(e.step for e in events if e.kind in ("loss", "gradient"))
+        else:
+            # values logged after the optimizer step of a bad batch arrive one look late
+            events = [e for e in events if not (e.kind == "metric" and e.step <= self._last_bad_step)]
+        if forced and not events:
+            # Another rank saw it (the decision is shared): say so, and act with everyone.
+            events = [NonFiniteEvent("loss", "loss (on another rank)", self._batch_step, self._batch_idx)]
+
+        look = _Look()
+        scale_verdict = None
+        if scale_figures is not None:
+            low, overflows, in_a_row = scale_figures
+            scale_verdict = loss_scale_verdict(low, floor=self.min_loss_scale, overflow_steps=int(overflows),
+                                               skipped_in_a_row=int(in_a_row))
+            if scale_verdict is None:
+                self.resolve(CHECK, "loss_scale")
+            else:
+                act = self.action if acting and self.action != "skip" else "warn"
+                look = self._plan(trainer, act, weights_good=True)
+                look.verdict = scale_verdict
+                look.actionable = look.action != "warn"
+                look.finding = self.report_verdict(trainer, scale_verdict)
+
+        if not events:
+            if covered:  # a look right after another has seen no batch: nothing has cleared
+                for target in sorted(self._active_targets):
+                    self.resolve(CHECK, target)
+                self._active_targets.clear()
+            return look
+
+        if self._active_targets and all(e.kind == "weight" for e in events):
+            return look  # the weights still carry a problem already reported
+
+        harmful = any(e.kind in ("loss", "gradient", "weight") for e in events)
+        action = self.action if harmful and acting else "warn"
+        if bad_weights and action == "skip":
+            action = "stop"  # every later step would be skipped as well: nothing left to save
+        origin, replayed = self._origin(trainer, pl_module, events, data_events, bad_weights, pre_step, forced)
+        look = self._plan(trainer, action, weights_good=not bad_weights)
+        look.actionable = harmful
+        verdict = nonfinite_verdict(
+            events,
+            origin,
+            finite_metrics=_finite_metrics(trainer, events),
+            action=action,
+            checkpoint=look.checkpoint,
+            replayed_step=replayed.step if replayed else None,
+            replayed_batch=replayed.batch_idx if replayed else None,
+            data_counts=replayed.data_counts if replayed else None,
+        )
+        news = not self._dedup.is_active(CHECK, verdict.target)
+        if (replayed is not None and self.save_reproducer and news and self.hub(trainer).is_writer
+                and len(self.reproducers) < _MAX_REPRODUCERS):
+            folder = self._save_reproducer(trainer, pl_module, replayed, origin)
+            self.reproducers.append(folder)
+            verdict = dataclasses.replace(
+                verdict,
+                data={**verdict.data, "reproducer": folder},
+                advice=(*verdict.advice, f"reload the batch and the weights before the update from {folder}"),
+            )
+        look.verdict = verdict
+        look.finding = self.report_verdict(trainer, verdict, step=min(e.step for e in events))
+        if verdict.target:
+            self._active_targets.add(verdict.target)
+        return look
+
+    def _plan(self, trainer: Any, action: str, *, weights_good: bool) -> _Look:
+        look = _Look(action=action)
+        if action == "stop" and weights_good:
+            look.checkpoint = os.path.join(self._findings_folder(trainer, self._batch_step), "last_good.ckpt")
+        return look
+
+    # ------------------------------------------------------------------ localising
+    def _origin(self, trainer: Any, pl_module: Any, events: list[NonFiniteEvent], data_events: list[NonFiniteEvent],
+                bad_weights: list[str], pre_step: bool, forced: bool) -> tuple[Origin, _Replayed | None]:
+        fp16 = _loss_scaler(trainer) is not None
+        harmful = [e for e in events if e.kind in ("loss", "gradient")]
+        if not harmful and not bad_weights:
+            return Origin("logged_only", fp16=fp16), None
+        now = [e for e in harmful if e.step == self._batch_step]
+        if forced and not any(e.name != "loss (on another rank)" for e in now):
+            return Origin("other_rank", fp16=fp16), None
+        if pre_step and self.replay and now and self._window and not bad_weights:
+            return self._replay_window(trainer, pl_module, [e.name for e in now if e.kind == "gradient"], fp16)
+        # No faithful replay: the batch-level record still tells whether the data held NaN/Inf then.
+        first = min((e.step for e in harmful), default=None)
+        paths = tuple(e.name for e in data_events if e.step == first)
+        if paths:
+            return Origin("data", data_paths=paths, fp16=fp16), None
+        if bad_weights:
+            return Origin("weights", parameters=tuple(bad_weights), fp16=fp16), None
+        return Origin("not_replayed", fp16=fp16), None
+
+    def _replay_window(self, trainer: Any, pl_module: Any, grad_bad: list[str],
+                       fp16: bool) -> tuple[Origin, _Replayed | None]:
+        error: BaseException | None = None
+        found: tuple[Origin, _Replayed] | None = None
+        for batch, batch_idx in self._window:
+            try:
+                origin, replayed = self._replay(trainer, pl_module, batch, batch_idx, grad_bad, fp16)
+            except Exception as err:  # noqa: BLE001 - a replay that fails must not cost the action
+                error = err
+                continue
+            found = found or (origin, replayed)
+            if origin.kind != "not_reproduced":
+                return origin, replayed
+        if found is not None:
+            return found
+        return Origin("not_replayed", op=f"replay failed: {error!r}" if error else None, fp16=fp16), None
+
+    def _replay(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int, grad_bad: list[str],
+                fp16: bool) -> tuple[Origin, _Replayed]:
+        data_counts = {path: n for path, t in tensors_in(batch) if (n := count_nonfinite(t))}
+        recorder = _ForwardRecorder(pl_module)
+        with _replaying(trainer, pl_module), recorder, torch.no_grad():
+            output = _call_training_step(pl_module, batch, batch_idx)
+        loss = _loss_of(output)
+        loss_finite = loss is None or count_nonfinite(loss.detach()) == 0
+        calls = recorder.calls()
+        anomaly = None
+        if grad_bad and loss_finite and not data_counts and all(c.outputs_finite for c in calls):
+            anomaly = _backward_culprit(trainer, pl_module, batch, batch_idx)
+        origin = locate_origin(
+            calls,
+            tuple(data_counts),
+            loss_finite=loss_finite,
+            module_types={n: type(m).__name__ for n, m in pl_module.named_modules()},
+            grad_bad_parameters=grad_bad,
+            forward_order=recorder.order,
+            anomaly_op=anomaly,
+            fp16=fp16,
+        )
+        return origin, _Replayed(batch, batch_idx, self._batch_step, data_counts)
+
+    # ------------------------------------------------------------------ files
+    def _findings_folder(self, trainer: Any, step: int) -> str:
+        root = self.hub(trainer).findings_dir or os.path.join(str(trainer.default_root_dir), "flightcheck")
+        return os.path.join(root, f"nonfinite_step{step}")
+
+    def _save_reproducer(self, trainer: Any, pl_module: Any, replayed: _Replayed, origin: Origin) -> str | None:
+        from lightning.fabric.utilities.apply_func import move_data_to_device
+
+        folder = self._findings_folder(trainer, replayed.step)
+        os.makedirs(folder, exist_ok=True)
+        torch.save(move_data_to_device(replayed.batch, "cpu"), os.path.join(folder, "batch.pt"))
+        state = {k: v.detach().cpu() for k, v in pl_module.state_dict().items()}
+        torch.save(state, os.path.join(folder, "weights_before_update.pt"))
+        info = {
+            "step": replayed.step,
+            "epoch": int(trainer.current_epoch),
+            "batch_idx": replayed.batch_idx,
+            "origin": origin.kind,
+            "module": origin.module,
+            "module_type": origin.module_type,
+            "model_class": f"{type(pl_module).__module__}.{type(pl_module).__qualname__}",
+            "how_to_replay": (
+                "model.load_state_dict(torch.load('weights_before_update.pt')); "
+                "batch = torch.load('batch.pt', weights_only=False); "
+                f"model.training_step(batch, {replayed.batch_idx})"
+            ),
+        }
+        with open(os.path.join(folder, "info.json"), "w") as f:
+            json.dump(info, f, indent=2)
+        return folder
+
+    # ------------------------------------------------------------------ checkpoints
+    def extra_state(self) -> dict[str, Any]:
+        return {"skipped_steps": self.skipped_steps, "active_targets": sorted(self._active_targets),
+                "reproducers": list(self.reproducers)}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        self._active_targets = set(state.get("active_targets", []))
+        self.reproducers = list(state.get("reproducers", []))
+
+
+# ---------------------------------------------------------------------- device-side records
+@dataclasses.dataclass
+class _Group:
+    kind: str
+    names: Sequence[str] | Callable[[], Sequence[str]]
+    steps: Tensor
+    batches: Tensor
+    values: Tensor
+
+    def resolved_names(self) -> Sequence[str]:
+        if callable(self.names):
+            self.names = tuple(self.names())
+        return self.names
+
+
+class _FirstNonFinite:
+    """For groups of named quantities, the step, batch and value at which each first went
+    non-finite, kept on the device and read with the guard's one transfer."""
+
+    def __init__(self) -> None:
+        self.groups: dict[Hashable, _Group] = {}
+
+    def count(self, kind: str) -> int:
+        return sum(1 for g in self.groups.values() if g.kind == kind)
+
+    def update(self, key: Hashable, kind: str, names: Sequence[str] | Callable[[], Sequence[str]], values: Tensor,
+               step: int, batch_idx: int) -> None:
+        values = values.reshape(-1)
+        group = self.groups.get(key)
+        if group is None:
+            n, device = values.numel(), values.device
+            group = _Group(
+                kind,
+                names,
+                torch.full((n,), -1, dtype=torch.int64, device=device),
+                torch.full((n,), -1, dtype=torch.int64, device=device),
+                torch.zeros(n, dtype=torch.float32, device=device),
+            )
+            self.groups[key] = group
+        group.steps, group.batches, group.values = mark_first_nonfinite(
+            values, group.steps, group.batches, group.values, step, batch_idx
+        )
+
+    def tensors(self) -> list[Tensor]:
+        return [t for g in self.groups.values() for t in (g.steps, g.batches, g.values)]
+
+    def events(self, host: list[float]) -> tuple[list[NonFiniteEvent], list[float]]:
+        events = []
+        for group in self.groups.values():
+            n = group.steps.numel()
+            steps, batches, values, host = host[:n], host[n:2 * n], host[2 * n:3 * n], host[3 * n:]
+            names = group.resolved_names()
+            for name, step, batch, value in zip(names, steps, batches, values):
+                if step >= 0:
+                    events.append(NonFiniteEvent(group.kind, name, int(step), int(batch), float(value)))
+        return events, host
+
+    def reset(self) -> None:
+        for group in self.groups.values():
+            group.steps.fill_(-1)
+
+
+class _LossScaleWatch:
+    """The fp16 loss scaler's lowest scale and its overflow (skipped) steps, on the device."""
+
+    def __init__(self) -> None:
+        self.low: Tensor | None = None
+        self.overflows: Tensor | None = None
+        self.run: Tensor | None = None
+        self.longest: Tensor | None = None
+        self._read = False
+
+    def record_step(self, overflow: Tensor) -> None:
+        o = overflow.to(torch.int64).reshape(())
+        if self.overflows is None:
+            self.overflows, self.run, self.longest = o.clone(), o.clone(), o.clone()
+            return
+        self.overflows = self.overflows + o
+        self.run = (self.run + o) * o  # back to 0 on a step the scaler applied
+        self.longest = torch.maximum(self.longest, self.run)
+
+    def record_scale(self, scaler: Any) -> None:
+        scale = getattr(scaler, "_scale", None)  # the device tensor; get_scale() would sync
+        if not isinstance(scale, Tensor):
+            return
+        scale = scale.detach().reshape(()).to(torch.float32)
+        self.low = scale.clone() if self.low is None else torch.minimum(self.low, scale)
+
+    def tensors(self) -> list[Tensor]:
+        self._read = self.low is not None
+        if not self._read:
+            return []
+        zero = torch.zeros((), dtype=torch.float32, device=self.low.device)
+        counts = [zero if t is None else t.to(device=self.low.device, dtype=torch.float32)
+                  for t in (self.overflows, self.longest)]
+        return [torch.stack([self.low, *counts])]
+
+    def figures(self, host: list[float]) -> tuple[tuple[float, float, float] | None, list[float]]:
+        if not self._read:
+            return None, host
+        return (host[0], host[1], host[2]), host[3:]
+
+    def reset(self) -> None:
+        self.low = None
+        if self.overflows is not None:
+            self.overflows = torch.zeros_like(self.overflows)
+            self.longest = self.run.clone()
+
+
+@dataclasses.dataclass
+class _Look:
+    action: str = "warn"
+    verdict: Verdict | None = None
+    finding: Finding | None = None
+    checkpoint: str | None = None
+    actionable: bool = False
+
+
+@dataclasses.dataclass
+class _Replayed:
+    batch: Any
+    batch_idx: int
+    step: int
+    data_counts: dict[str, int]
+
+
+# ---------------------------------------------------------------------- reading the trainer
+def _loss_scaler(trainer: Any) -> Any:
+    """The enabled fp16 ``GradScaler`` of ``trainer.precision_plugin``, else ``None``."""
+    scaler = getattr(getattr(trainer, "precision_plugin", None), "scaler", None)
+    if scaler is None:
+        return None
+    is_enabled = getattr(scaler, "is_enabled", None)
+    return scaler if is_enabled is None or is_enabled() else None
+
+
+def _loss_of(outputs: Any) -> Tensor | None:
+    """The loss in what ``training_step`` returned: a tensor, a dict with ``"loss"``, or ``None``."""
+    if isinstance(outputs, Tensor):
+        return outputs
+    if isinstance(outputs, dict) and isinstance(outputs.get("loss"), Tensor):
+        return outputs["loss"]
+    return None
+
+
+def _logged_training_values(trainer: Any) -> dict[str, Tensor]:
+    """The values logged so far in this training batch, by name, as device tensors.
+
+    Read from the trainer's result collection directly: ``trainer.callback_metrics`` would
+    turn progress-bar values into Python numbers (a sync per metric).
+    """
+    if not getattr(trainer, "training", False):
+        return {}
+    try:
+        results = trainer._results
+        items = list(results.valid_items()) if results is not None else []
+    except Exception:  # noqa: BLE001 - a Lightning internal that moved: watch the loss only
+        return {}
+    logged: dict[str, Tensor] = {}
+    for _, result in items:
+        meta = getattr(result, "meta", None)
+        if meta is None:
+            continue
+        value = result._forward_cache if meta.on_step else getattr(result, "value", None)
+        if isinstance(value, Tensor) and value.numel() > 0:
+            logged[meta.name] = value
+    return logged
+
+
+def _scalar_values(tensors: Sequence[Any]) -> Tensor | None:
+    """One float32 vector with one number per tensor (the value, or the sum for larger ones)."""
+    present = [t.detach() for t in tensors if isinstance(t, Tensor) and t.numel() > 0]
+    if not present:
+        return None
+    device = present[0].device
+    values = [t.reshape(()) if t.numel() == 1 else t.float().sum() for t in present]
+    return torch.stack([v if v.device == device else v.to(device) for v in
+                        (v if v.dtype == torch.float32 else v.float() for v in values)])
+
+
+def _finite_metrics(trainer: Any, events: Sequence[NonFiniteEvent]) -> list[str]:
+    bad = {e.name for e in events if e.kind == "metric"}
+    if not bad:
+        return []
+    return [name for name in _logged_training_values(trainer) if name not in bad]
+
+
+def _to_host(parts: Sequence[Tensor]) -> list[float]:
+    """Every tensor in ``parts`` moved to the host as ONE float64 tensor (one synchronisation)."""
+    if not parts:
+        return []
+    device = parts[0].device
+    flat = torch.cat([p.detach().reshape(-1).to(device=device, dtype=torch.float64) for p in parts])
+    return flat.tolist()
+
+
+def _gradients_really_nonfinite(params: Sequence[Tensor], norms: Tensor) -> bool:
+    # A norm overflows float32 for huge but finite gradients; only NaN/Inf elements count.
+    return any(count_nonfinite(p.grad) for p, n in zip(params, norms.tolist()) if not math.isfinite(n))
+
+
+def _drop_norm_overflows(events: list[NonFiniteEvent], named: dict[str, Tensor], step: int) -> list[NonFiniteEvent]:
+    kept = []
+    for e in events:
+        p = named.get(e.name)
+        overflow_only = (
+            e.kind == "gradient" and e.step == step and math.isinf(e.value)
+            and p is not None and p.grad is not None and count_nonfinite(p.grad) == 0
+        )
+        if not overflow_only:
+            kept.append(e)
+    return kept
+
+
+def _nonfinite_parameters(named: dict[str, Tensor], norms: list[float]) -> list[str]:
+    """Names of the parameters holding NaN/Inf (an infinite norm is confirmed element-wise)."""
+    bad = []
+    for (name, p), n in zip(named.items(), norms):
+        if math.isnan(n) or (math.isinf(n) and count_nonfinite(p.detach()) > 0):
+            bad.append(name)
+    return bad
+
+
+# ---------------------------------------------------------------------- replaying a batch
+# Attributes every nn.Module has; the replay restores everything else a module holds.
+_MODULE_INTERNALS = frozenset(vars(nn.Module()))
+# Tensor attributes up to this many elements are cloned so in-place changes are undone too.
+_CLONE_LIMIT = 1 << 20
+
+
+class _Restorer:
+    """Snapshot of module attributes and buffers, put back on exit (the replay leaves no trace)."""
+
+    def __init__(self, root: nn.Module) -> None:
+        self._saved = []
+        for module in root.modules():
+            attrs = {k: (v, _copy_of(v)) for k, v in vars(module).items() if k not in _MODULE_INTERNALS}
+            buffers = {k: (b, None if b is None else b.detach().clone()) for k, b in module._buffers.items()}
+            self._saved.append((module, attrs, buffers))
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for module, attrs, buffers in self._saved:
+                for k in [k for k in vars(module) if k not in _MODULE_INTERNALS and k not in attrs]:
+                    del module.__dict__[k]
+                for k, (original, copied) in attrs.items():
+                    _put_back(original, copied)
+                    module.__dict__[k] = original
+                for k, (original, copied) in buffers.items():
+                    if original is not None:
+                        original.copy_(copied)
+                    module._buffers[k] = original
+
+
+def _copy_of(value: Any) -> Any:
+    if isinstance(value, Tensor):
+        return value.detach().clone() if value.numel() <= _CLONE_LIMIT else None
+    if isinstance(value, list):
+        return list(value)
+    if isinstance(value, dict):
+        return dict(value)
+    return None
+
+
+def _put_back(original: Any, copied: Any) -> None:
+    if copied is None:
+        return
+    if isinstance(original, Tensor):
+        if original.shape == copied.shape:
+            original.detach().copy_(copied)
+    elif isinstance(original, list):
+        original[:] = copied
+    elif isinstance(original, dict):
+        original.clear()
+        original.update(copied)
+
+
+class _InertOptimizer:
+    """Stands in for an optimizer during a replay: ``step`` runs the closure, changes nothing."""
+
+    def __init__(self, optimizer: Any) -> None:
+        self._optimizer = optimizer
+
+    def step(self, closure: Callable[[], Any] | None = None, **kwargs: Any) -> Any:
+        return closure() if closure is not None else None
+
+    def zero_grad(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._optimizer, name)
+
+
+class _InertScheduler:
+    def __init__(self, scheduler: Any) -> None:
+        self._scheduler = scheduler
+
+    def step(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._scheduler, name)
+
+
+def _inert(value: Any, wrap: Callable[[Any], Any]) -> Any:
+    if value is None:
+        return None
+    if isinstance(value, list):
+        return [wrap(v) for v in value]
+    return wrap(value)
+
+
+@contextlib.contextmanager
+def _replaying(trainer: Any, pl_module: Any) -> Iterator[None]:
+    """Run ``training_step`` again with no trace left: RNG, modes, buffers, attributes,
+    logged values, optimizer and scheduler state all as they were; under the run's autocast."""
+    try:
+        optimizers = pl_module.optimizers()
+    except Exception:  # noqa: BLE001 - no trainer-attached optimizers
+        optimizers = None
+    try:
+        schedulers = pl_module.lr_schedulers()
+    except Exception:  # noqa: BLE001
+        schedulers = None
+    restorer = _Restorer(pl_module)
+
+    def nothing(*args: Any, **kwargs: Any) -> None:
+        return None
+
+    patches = {
+        "log": nothing,
+        "log_dict": nothing,
+        "manual_backward": nothing,
+        "clip_gradients": nothing,
+        "toggle_optimizer": nothing,
+        "untoggle_optimizer": nothing,
+        "optimizers": lambda *a, **k: _inert(optimizers, _InertOptimizer),
+        "lr_schedulers": lambda *a, **k: _inert(schedulers, _InertScheduler),
+    }
+    context = trainer.precision_plugin.train_step_context()
+    try:
+        with preserved_rng(), modes_preserved(pl_module), context:
+            pl_module.__dict__.update(patches)
+            yield
+    finally:
+        restorer.restore()
+
+
+def _call_training_step(pl_module: Any, batch: Any, batch_idx: int) -> Any:
+    from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
+
+    step = pl_module.training_step
+    if is_param_in_hook_signature(step, "dataloader_iter", explicit=True):
+        raise RuntimeError("a training_step that takes dataloader_iter cannot be replayed")
+    if is_param_in_hook_signature(step, "batch_idx", min_args=2):
+        return step(batch, batch_idx)
+    return step(batch)
+
+
+def _float_tensors(value: Any) -> list[Tensor]:
+    return [t.detach() for _, t in tensors_in(value) if t.is_floating_point() and t.numel() > 0]
+
+
+def _input_stats(tensors: list[Tensor]) -> Tensor | None:
+    if not tensors:
+        return None
+    device = tensors[0].device
+    rows = [
+        torch.stack([torch.isfinite(t).all().float(), t.min().float(), t.max().float(), (t == 0).any().float()])
+        for t in tensors
+    ]
+    stats = torch.stack([r.to(device) for r in rows])
+    return torch.stack([stats[:, 0].min(), stats[:, 1].min(), stats[:, 2].max(), stats[:, 3].max()])
+
+
+def _output_stats(tensors: list[Tensor]) -> Tensor | None:
+    if not tensors:
+        return None
+    device = tensors[0].device
+    inf = float("inf")
+    rows = [
+        torch.stack([torch.isfinite(t).all(), torch.isnan(t).any(), (t == inf).any(), (t == -inf).any()]).float()
+        for t in tensors
+    ]
+    stats = torch.stack([r.to(device) for r in rows])
+    return torch.stack([stats[:, 0].min(), stats[:, 1].max(), stats[:, 2].max(), stats[:, 3].max()])
+
+
+class _ForwardRecorder:
+    """Forward hooks on every module: for each call, were its inputs and outputs finite."""
+
+    def __init__(self, root: nn.Module) -> None:
+        self._root = root
+        self._names = {id(m): n for n, m in root.named_modules()}
+        self._handles: list[Any] = []
+        self._stack: list[Tensor | None] = []
+        self._records: list[tuple[str, str, Tensor | None, Tensor | None, str]] = []
+        self.order: list[str] = []
+
+    def __enter__(self) -> _ForwardRecorder:
+        for module in self._root.modules():
+            self._handles.append(module.register_forward_pre_hook(self._pre, with_kwargs=True))
+            self._handles.append(module.register_forward_hook(self._post, with_kwargs=True))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _pre(self, module: nn.Module, args: Any, kwargs: Any) -> None:
+        name = self._names.get(id(module), "?")
+        if name not in self.order:
+            self.order.append(name)
+        # computed now, before the module can change its inputs in place
+        self._stack.append(_input_stats(_float_tensors((args, kwargs))))
+
+    def _post(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+        inputs = self._stack.pop() if self._stack else None
+        outputs = _float_tensors(output)
+        dtype = str(outputs[0].dtype).replace("torch.", "") if outputs else "float32"
+        self._records.append((self._names.get(id(module), "?"), type(module).__name__, inputs,
+                              _output_stats(outputs), dtype))
+
+    def calls(self) -> list[ModuleCall]:
+        """The records as :class:`ModuleCall` (one transfer to the host)."""
+        parts = [s for r in self._records for s in (r[2], r[3]) if s is not None]
+        host = _to_host(parts)
+        calls = []
+        for name, type_name, inputs, outputs, dtype in self._records:
+            i = host[:4] if inputs is not None else [1.0, 0.0, 0.0, 0.0]
+            host = host[4:] if inputs is not None else host
+            o = host[:4] if outputs is not None else [1.0, 0.0, 0.0, 0.0]
+            host = host[4:] if outputs is not None else host
+            calls.append(ModuleCall(
+                name=name, type=type_name, inputs_finite=i[0] > 0.5, outputs_finite=o[0] > 0.5,
+                input_min=i[1], input_max=i[2], input_has_zero=i[3] > 0.5,
+                output_nan=o[1] > 0.5, output_posinf=o[2] > 0.5, output_neginf=o[3] > 0.5, output_dtype=dtype,
+            ))
+        return calls
+
+
+def _backward_culprit(trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> str | None:
+    """The autograd function whose backward turned finite gradients into NaN/Inf.
+
+    Replays the batch with grad enabled and a hook on every node of its autograd graph;
+    ``torch.autograd.grad`` returns the gradients instead of adding them to ``.grad``, so
+    the parameters' gradients stay as they were. (Anomaly mode would see NaN only, not inf.)
+    """
+    params = [p for p in pl_module.parameters() if p.requires_grad]
+    if not params:
+        return None
+    with _replaying(trainer, pl_module), torch.enable_grad():
+        loss = _loss_of(_call_training_step(pl_module, batch, batch_idx))
+        if loss is None or loss.grad_fn is None:
+            return None
+        records: list[tuple[str, Tensor]] = []
+
+        def record(node: Any, made: Sequence[Tensor | None], came: Sequence[Tensor | None]) -> None:
+            made_ok = [torch.isfinite(g).all() for g in made if isinstance(g, Tensor)]
+            came_ok = [torch.isfinite(g).all() for g in came if isinstance(g, Tensor)]
+            if made_ok:
+                flags = torch.stack([torch.stack(made_ok).all(), torch.stack(came_ok).all() if came_ok
+                                     else torch.ones((), dtype=torch.bool, device=made_ok[0].device)])
+                records.append((node.name(), flags))
+
+        handles, seen, todo = [], set(), [loss.grad_fn]
+        while todo:
+            node = todo.pop()
+            if node is None or node in seen:
+                continue
+            seen.add(node)
+            handles.append(node.register_hook(lambda made, came, node=node: record(node, made, came)))
+            todo.extend(child for child, _ in node.next_functions)
+        try:
+            torch.autograd.grad(loss, params, allow_unused=True)
+        finally:
+            for handle in handles:
+                handle.remove()
+    host = _to_host([flags for _, flags in records])
+    for i, (name, _) in enumerate(records):
+        made_finite, came_finite = host[2 * i] > 0.5, host[2 * i + 1] > 0.5
+        if came_finite and not made_finite:
+            return name
+    return None

@@ -1,0 +1,516 @@
+"""Judging NaN/Inf in training: what went non-finite, where it was made, and why.
+
+Pure functions only. The :class:`~flightcheck.callbacks.nonfinite_guard.NonFiniteGuard`
+callback gathers the inputs (first non-finite steps kept on the device, per-module records
+of a replayed batch) and reports the :class:`~flightcheck.checks.Verdict` built here.
+
+The localisation rule: replay the offending batch with a record of every module call
+(in completion order, so a child is seen before its parent). The first call whose output
+is non-finite is where the value appeared:
+
+- its inputs were finite: the module made it (``made inside by <module>``);
+- its inputs were already non-finite and the batch holds non-finite values: it came in
+  with the data;
+- its inputs were non-finite but the batch is clean: the enclosing module's own code (the
+  functional lines between submodules) made it;
+- no module output is non-finite but the loss is: the loss computation made it;
+- the forward pass is finite but gradients are not: the backward pass made it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import Tensor
+
+from flightcheck.checks import Verdict
+from flightcheck.findings import Severity
+
+CHECK = "nonfinite"
+
+#: Lowest healthy fp16 loss scale. A dynamic scaler halves the scale on every overflow
+#: step; a scale driven below 1 means the loss is scaled *down* yet gradients still
+#: overflow, i.e. they are non-finite whatever the scale. DeepSpeed's ``min_loss_scale``
+#: and Megatron-LM's ``--min-loss-scale`` both default to 1 for this reason. From the
+#: default initial scale of 2**16 it takes 17 skipped steps in a row to get there.
+DEFAULT_MIN_LOSS_SCALE = 1.0
+
+#: ``exp(x)`` overflows above ``log(max)`` of the dtype: 88.7 in float32/bfloat16, 11.1 in
+#: float16 (max 65504). An input above this to a module whose output went +inf points to
+#: an exponential (exp, softmax without max subtraction, softplus, cosh).
+EXP_OVERFLOW_INPUT = {torch.float16: math.log(65504.0), torch.bfloat16: 88.7, torch.float32: 88.7}
+
+#: Largest finite float16 value; an fp16 output that turned inf from finite inputs
+#: overflowed the format rather than the maths.
+FP16_MAX = 65504.0
+
+# What each origin is, in the user's words; used in messages and in ``data["origin"]``.
+ORIGINS = (
+    "data",  # the batch held NaN/Inf
+    "module",  # a module made it from finite inputs
+    "between_modules",  # a module's own code between its submodules made it
+    "loss",  # the loss computation after the model made it
+    "backward",  # the forward pass was finite, the backward pass was not
+    "weights",  # the weights were already non-finite: no faithful replay possible
+    "logged_only",  # only a logged metric, not the loss or gradients
+    "other_rank",  # another DDP rank saw it
+    "not_reproduced",  # the replay came out finite
+    "not_replayed",  # the batch was no longer held (or the replay failed)
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class NonFiniteEvent:
+    """One quantity seen non-finite: the loss, a logged metric, a gradient, a weight.
+
+    Args:
+        kind: ``"loss"``, ``"metric"``, ``"gradient"``, ``"weight"``, or ``"data"`` (a batch
+            tensor; evidence for the origin, never reported on its own).
+        name: ``"loss"``, the metric's logged name, or the parameter's qualified name.
+        step: the global step of the batch where it was first seen.
+        batch_idx: that batch's index in its epoch (``-1`` when unknown).
+        value: the offending value (``nan``, ``inf``, ``-inf``; for gradients and weights
+            the tensor's norm).
+    """
+
+    kind: str
+    name: str
+    step: int
+    batch_idx: int = -1
+    value: float = float("nan")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModuleCall:
+    """What one module call saw on a replay: were its inputs and outputs finite."""
+
+    name: str
+    type: str
+    inputs_finite: bool
+    outputs_finite: bool
+    input_min: float = 0.0
+    input_max: float = 0.0
+    input_has_zero: bool = False
+    output_nan: bool = False
+    output_posinf: bool = False
+    output_neginf: bool = False
+    output_dtype: str = "float32"
+
+
+@dataclasses.dataclass(frozen=True)
+class Origin:
+    """Where a non-finite value was made (one of :data:`ORIGINS`) and by what."""
+
+    kind: str
+    module: str | None = None
+    module_type: str | None = None
+    call: ModuleCall | None = None
+    data_paths: tuple[str, ...] = ()
+    parameters: tuple[str, ...] = ()
+    op: str | None = None
+    fp16: bool = False
+
+    def where(self) -> str:
+        """``net.2 (LogLayer)``, or the model itself when the module name is empty."""
+        name = self.module or "the model"
+        return f"`{name}` ({self.module_type})" if self.module_type else f"`{name}`"
+
+
+# --------------------------------------------------------------------------- device side
+def mark_first_nonfinite(
+    values: Tensor, first_step: Tensor, first_batch: Tensor, first_value: Tensor, step: int, batch_idx: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Record, element-wise, the step, batch and value at which ``values`` first went non-finite.
+
+    Runs on the device without a host synchronisation (``torch.where`` with Python scalars
+    passes them as kernel arguments, no copy). ``first_step`` holds ``-1`` where nothing was
+    seen yet.
+    """
+    newly = ~torch.isfinite(values) & (first_step < 0)
+    return (
+        torch.where(newly, step, first_step),
+        torch.where(newly, batch_idx, first_batch),
+        torch.where(newly, values.to(first_value.dtype), first_value),
+    )
+
+
+def count_nonfinite(t: Tensor) -> int:
+    """How many elements of ``t`` are NaN or infinite (0 for integer tensors). Syncs: use on bad paths."""
+    if not (t.is_floating_point() or t.is_complex()):
+        return 0
+    return int((~torch.isfinite(t)).sum())
+
+
+# --------------------------------------------------------------------------- localisation
+def first_nonfinite_call(calls: Sequence[ModuleCall]) -> int | None:
+    """Index of the first module call (in completion order) whose output is non-finite."""
+    for i, call in enumerate(calls):
+        if not call.outputs_finite:
+            return i
+    return None
+
+
+def parent_name(name: str) -> str:
+    """``"encoder.layers.3"`` -> ``"encoder.layers"``; a top-level child's parent is ``""``."""
+    return name.rsplit(".", 1)[0] if "." in name else ""
+
+
+def locate_origin(
+    calls: Sequence[ModuleCall],
+    data_paths: Sequence[str] = (),
+    *,
+    loss_finite: bool = True,
+    module_types: dict[str, str] | None = None,
+    grad_bad_parameters: Sequence[str] = (),
+    forward_order: Sequence[str] = (),
+    anomaly_op: str | None = None,
+    fp16: bool = False,
+) -> Origin:
+    """Where the non-finite value of a replayed batch was made.
+
+    Args:
+        calls: every module call of the replay, in completion order.
+        data_paths: the batch's tensors holding non-finite values (``batch[0]``, ...).
+        loss_finite: whether the replayed loss was finite.
+        module_types: qualified module name -> type name (to name an enclosing module).
+        grad_bad_parameters: parameters whose gradients were non-finite (for a backward origin).
+        forward_order: module names in the order the replay called them (first call).
+        anomaly_op: the autograd function whose backward turned finite gradients non-finite.
+        fp16: whether the step ran under float16 autocast.
+    """
+    module_types = module_types or {}
+    if data_paths:
+        return Origin("data", data_paths=tuple(data_paths), fp16=fp16)
+    i = first_nonfinite_call(calls)
+    if i is not None:
+        call = calls[i]
+        if call.inputs_finite:
+            return Origin("module", module=call.name, module_type=call.type, call=call, fp16=fp16)
+        parent = parent_name(call.name) if call.name else ""
+        return Origin(
+            "between_modules",
+            module=parent,
+            module_type=module_types.get(parent),
+            call=call,
+            fp16=fp16,
+            parameters=(call.name,),
+        )
+    if not loss_finite:
+        return Origin("loss", fp16=fp16)
+    if grad_bad_parameters:
+        owner = _module_nearest_loss(grad_bad_parameters, forward_order)
+        return Origin(
+            "backward",
+            module=owner,
+            module_type=module_types.get(owner) if owner is not None else None,
+            parameters=tuple(grad_bad_parameters),
+            op=anomaly_op,
+            fp16=fp16,
+        )
+    return Origin("not_reproduced", fp16=fp16)
+
+
+def _module_nearest_loss(parameters: Sequence[str], forward_order: Sequence[str]) -> str | None:
+    # Backward runs from the loss towards the inputs and spreads a NaN to everything it
+    # passes, so of the modules whose gradients went bad the one called last in the
+    # forward pass is nearest to where the backward made it.
+    owners = {parent_name(p) for p in parameters}
+    position = {name: i for i, name in enumerate(forward_order)}
+    ranked = sorted(owners, key=lambda m: position.get(m, -1))
+    return ranked[-1] if ranked else None
+
+
+# --------------------------------------------------------------------------- causes and advice
+_CAUSE_LOG_ZERO = "log of zero (e.g. log of a probability or a ReLU output that reached 0)"
+_CAUSE_LOG_NEG = "log or sqrt of a negative number"
+_CAUSE_EXP = "exp overflow: a large input to exp / softmax / softplus without subtracting the max"
+_CAUSE_DIV = "division by zero or by a tiny number (a norm, std, count or variance that can be 0)"
+_CAUSE_FP16 = "float16 overflow: a value above 65504 under 16-bit autocast"
+_CAUSE_LR = "learning rate too high: weights and activations grew until they overflowed"
+_CAUSE_DATA = "NaN/Inf in the data (missing values, a division by zero in preprocessing, a corrupt sample)"
+
+
+def likely_causes(origin: Origin) -> list[str]:
+    """The likely causes of a non-finite value made at ``origin``, most likely first."""
+    if origin.kind == "data":
+        return [_CAUSE_DATA]
+    if origin.kind == "weights":
+        return [_CAUSE_LR, "an earlier non-finite update (NaN/Inf gradients) was applied to the weights"]
+    if origin.kind == "backward":
+        return [
+            "a function whose derivative is infinite at the point reached: sqrt, pow with a "
+            "fractional exponent, or the norm of an all-zero vector",
+            _CAUSE_DIV,
+            _CAUSE_LR,
+        ]
+    if origin.kind == "loss":
+        return [_CAUSE_LOG_ZERO + " in the loss", _CAUSE_DIV, _CAUSE_EXP]
+    if origin.kind == "logged_only":
+        return ["the logged value is computed with a division by a count or sum that can be 0 (e.g. an empty class)"]
+    call = origin.call
+    causes: list[str] = []
+    if call is not None and call.inputs_finite:
+        limit = EXP_OVERFLOW_INPUT.get(_dtype(call.output_dtype), 88.7)
+        if call.output_neginf and call.input_has_zero:
+            causes.append(_CAUSE_LOG_ZERO)
+        if call.output_nan and call.input_min < 0:
+            causes.append(_CAUSE_LOG_NEG)
+        if call.output_posinf and call.input_max > limit:
+            causes.append(_CAUSE_EXP)
+        if (call.output_posinf or call.output_neginf or call.output_nan) and call.input_has_zero:
+            causes.append(_CAUSE_DIV)
+        if origin.fp16 and (call.output_posinf or call.output_neginf):
+            causes.append(_CAUSE_FP16)
+    for generic in (_CAUSE_LOG_ZERO, _CAUSE_EXP, _CAUSE_DIV, _CAUSE_LR):
+        if generic not in causes:
+            causes.append(generic)
+    if origin.fp16 and _CAUSE_FP16 not in causes:
+        causes.append(_CAUSE_FP16)
+    return causes[:4]
+
+
+def advice_for(origin: Origin, action: str = "warn") -> list[str]:
+    """What to try next for a non-finite value made at ``origin``."""
+    if origin.kind == "data":
+        return [
+            "find the NaN/Inf samples of that batch (saved with the finding when it could be replayed) "
+            "and fix or drop them in the dataset or transforms",
+            "add an assertion such as `assert torch.isfinite(x).all()` to the data pipeline",
+        ]
+    if origin.kind == "weights":
+        return [
+            "lower the learning rate or add warm-up, and clip gradients (`gradient_clip_val`)",
+            "run with `NonFiniteGuard(action='stop')` to keep the last good weights and the offending batch",
+        ]
+    if origin.kind == "logged_only":
+        return [
+            "check how the logged value is computed: a mean over an empty selection or a ratio with a zero count",
+            "log it only when its denominator is positive, or log `torch.nan_to_num(value)`",
+        ]
+    advice = []
+    if origin.kind in ("module", "between_modules"):
+        advice.append(f"look at the forward of {origin.where()} with the saved batch and weights")
+    advice += [
+        "use the stable forms: log_softmax / logsumexp / BCEWithLogits instead of log(softmax) / "
+        "log(sigmoid); add an eps to divisions, logs and sqrt (`x.clamp_min(eps)`)",
+        "lower the learning rate or clip gradients if values grew large before this step",
+    ]
+    if origin.fp16:
+        advice.append("train in bf16-mixed, or keep this module in float32 (autocast(enabled=False))")
+    if action == "warn":
+        advice.append("set `action='skip'` to drop such updates, or 'stop' to stop with a good checkpoint")
+    return advice
+
+
+# --------------------------------------------------------------------------- verdicts
+def _fmt(value: float) -> str:
+    if math.isnan(value):
+        return "nan"
+    if math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    return f"{value:.3g}"
+
+
+def _names(events: Iterable[NonFiniteEvent], limit: int = 4) -> str:
+    names = [e.name for e in events]
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _dtype(name: str) -> torch.dtype:
+    return getattr(torch, name.replace("torch.", ""), torch.float32)
+
+
+def target_of(events: Sequence[NonFiniteEvent]) -> str:
+    """The de-duplication target: the logged parts that went bad, else the loss, gradients, weights."""
+    for kind, label in (("metric", None), ("loss", "loss"), ("gradient", "gradients"), ("weight", "weights")):
+        hits = sorted({e.name for e in events if e.kind == kind})
+        if hits:
+            return label or "+".join(hits)
+    return "training"
+
+
+def nonfinite_verdict(
+    events: Sequence[NonFiniteEvent],
+    origin: Origin,
+    *,
+    finite_metrics: Sequence[str] = (),
+    action: str = "warn",
+    reproducer: str | None = None,
+    checkpoint: str | None = None,
+    replayed_step: int | None = None,
+    replayed_batch: int | None = None,
+    data_counts: dict[str, int] | None = None,
+) -> Verdict:
+    """The finding for one non-finite event: what went bad, when, where it was made, why.
+
+    Args:
+        events: every quantity seen non-finite since the last look (first step of each).
+        origin: where the replay placed it (:func:`locate_origin`), or ``weights`` /
+            ``not_replayed`` when no faithful replay was possible.
+        finite_metrics: logged training metrics that stayed finite (shows which part of a
+            multi-part loss went bad).
+        action: what the guard does about it (``warn``, ``skip``, ``stop``, ``raise``).
+        reproducer: the folder holding the saved batch and weights.
+        checkpoint: the last-good checkpoint written by ``action="stop"``.
+        replayed_step, replayed_batch: the step and batch index that were replayed.
+        data_counts: per batch tensor path, how many values were non-finite.
+    """
+    events = sorted(events, key=lambda e: (e.step, e.kind != "metric", e.name))
+    first = events[0] if events else NonFiniteEvent("loss", "loss", -1)
+    metrics = [e for e in events if e.kind == "metric"]
+    losses = [e for e in events if e.kind == "loss"]
+    grads = [e for e in events if e.kind == "gradient"]
+    weights = [e for e in events if e.kind == "weight"]
+
+    def at(e: NonFiniteEvent) -> str:
+        return "" if e.step == first.step else f" (from step {e.step})"
+
+    what: list[str] = []
+    if metrics:
+        parts = ", ".join(f"{e.name}={_fmt(e.value)}{at(e)}" for e in metrics[:4])
+        kept = f" while {', '.join(finite_metrics[:4])} stayed finite" if finite_metrics else ""
+        what.append(f"logged metric{'s' if len(metrics) > 1 else ''} {parts}{kept}")
+    if losses:
+        what.append(f"the loss was {_fmt(losses[0].value)}{at(losses[0])}")
+    if grads:
+        what.append(f"gradients of {len(grads)} parameter{'s' if len(grads) > 1 else ''} ({_names(grads, 3)})"
+                    f"{at(grads[0])}")
+    if weights:
+        what.append(f"now the weights of {len(weights)} parameter{'s' if len(weights) > 1 else ''} "
+                    f"({_names(weights, 3)})")
+    seen = "; ".join(what) or "a training quantity"
+    when = f"step {first.step}" + (f", batch {first.batch_idx}" if first.batch_idx >= 0 else "")
+    head = f"Non-finite values at {when}: {seen}."
+
+    step_note = ""
+    if replayed_step is not None and replayed_step != first.step:
+        step_note = f" (replaying the batch of step {replayed_step}, also non-finite)"
+    if origin.kind == "data":
+        counts = data_counts or {}
+        held = ", ".join(
+            f"{p} ({counts[p]} value{'s' if counts[p] != 1 else ''})" if p in counts else p
+            for p in origin.data_paths[:3]
+        )
+        batch = replayed_batch if replayed_batch is not None else first.batch_idx
+        where = f" It came in with the data{step_note}: {held} of batch {batch} held NaN/Inf."
+    elif origin.kind == "module":
+        where = f" It was made inside {origin.where()} from finite inputs{step_note}."
+    elif origin.kind == "between_modules":
+        child = origin.call.name if origin.call else "?"
+        owner = origin.where() if origin.module else f"`{origin.module_type or 'the model'}.forward` / training_step"
+        where = f" It was made by the code of {owner} between its submodules, before `{child}` received it{step_note}."
+    elif origin.kind == "loss":
+        where = f" Every module output was finite; the loss computation in training_step made it{step_note}."
+    elif origin.kind == "backward":
+        op = f"; the backward of {origin.op} made finite gradients non-finite" if origin.op else ""
+        near = f", nearest the loss in {origin.where()}" if origin.module is not None else ""
+        where = f" The forward pass was finite: the backward pass made it{near}{op}{step_note}."
+    elif origin.kind == "weights":
+        where = (
+            f" The weights were already non-finite ({', '.join(origin.parameters[:3])}), so a replay "
+            "cannot show where it started; the bad update was applied before it was read."
+        )
+    elif origin.kind == "logged_only":
+        where = " The loss and gradients stayed finite: only the logged value is non-finite, training is not harmed."
+    elif origin.kind == "other_rank":
+        where = " Another process saw it; this rank's loss and gradients were finite."
+    elif origin.kind == "not_reproduced":
+        where = " Replaying the batch gave finite values (a non-deterministic op, or state that changed)."
+    elif origin.op:
+        where = f" The batch could not be replayed ({origin.op})."
+    else:
+        where = " The offending batch is no longer held, so it was not replayed."
+    done = {
+        "warn": "",
+        "skip": " The update was skipped.",
+        "stop": " Training stops; the last good state was saved." if checkpoint else
+        " Training stops; the weights are already non-finite, so skipping cannot recover.",
+        "raise": " Raising NonFiniteError.",
+    }.get(action, "")
+    severity = Severity.ERROR if (losses or grads or weights) else Severity.WARNING
+    return Verdict(
+        check=CHECK,
+        severity=severity,
+        message=head + where + done,
+        causes=tuple(likely_causes(origin)),
+        advice=tuple(advice_for(origin, action)),
+        target=target_of(events),
+        data={
+            "step": first.step,
+            "batch_idx": first.batch_idx,
+            "origin": origin.kind,
+            "module": origin.module,
+            "module_type": origin.module_type,
+            "data_paths": list(origin.data_paths),
+            "op": origin.op,
+            "quantities": [dataclasses.asdict(e) for e in events],
+            "finite_metrics": list(finite_metrics),
+            "action": action,
+            "reproducer": reproducer,
+            "checkpoint": checkpoint,
+            "replayed_step": replayed_step,
+            "replayed_batch": replayed_batch,
+        },
+    )
+
+
+def loss_scale_verdict(
+    min_scale: float, *, floor: float = DEFAULT_MIN_LOSS_SCALE, overflow_steps: int = 0, skipped_in_a_row: int = 0
+) -> Verdict | None:
+    """Judge an fp16 loss scaler: overflow steps it skips are normal; a collapsed scale is not.
+
+    Args:
+        min_scale: the lowest scale seen since the last look.
+        floor: below this the scale has collapsed (:data:`DEFAULT_MIN_LOSS_SCALE`).
+        overflow_steps: overflow steps the scaler skipped since the last look (for the message).
+        skipped_in_a_row: the longest run of skipped steps (for the message).
+    """
+    if math.isfinite(min_scale) and min_scale >= floor:
+        return None
+    return Verdict(
+        check=CHECK,
+        severity=Severity.ERROR,
+        message=(
+            f"The fp16 loss scale collapsed to {_fmt(min_scale)} (floor {_fmt(floor)}) after "
+            f"{overflow_steps} overflow steps, {skipped_in_a_row} in a row: gradients are non-finite "
+            "whatever the scale, so the scaler skips every update."
+        ),
+        causes=(
+            "NaN/Inf made in the forward or backward pass, not an fp16 range problem",
+            _CAUSE_LR,
+            _CAUSE_FP16 + " in a layer that overflows even unscaled",
+        ),
+        advice=(
+            "run a few steps in 32-bit or bf16-mixed precision to see which quantity goes non-finite",
+            "keep overflow-prone layers (softmax, norms, losses) in float32",
+            "lower the learning rate or clip gradients",
+        ),
+        target="loss_scale",
+        data={"min_scale": min_scale, "floor": floor, "overflow_steps": overflow_steps,
+              "skipped_in_a_row": skipped_in_a_row},
+    )
+
+
+__all__ = [
+    "CHECK",
+    "DEFAULT_MIN_LOSS_SCALE",
+    "EXP_OVERFLOW_INPUT",
+    "FP16_MAX",
+    "ModuleCall",
+    "NonFiniteEvent",
+    "Origin",
+    "advice_for",
+    "count_nonfinite",
+    "first_nonfinite_call",
+    "likely_causes",
+    "locate_origin",
+    "loss_scale_verdict",
+    "mark_first_nonfinite",
+    "nonfinite_verdict",
+    "parent_name",
+    "target_of",
+]
