@@ -27,7 +27,12 @@ def foreach_norms(tensors: Sequence[Tensor]) -> Tensor:
     wide = [t.float() if t.dtype in (torch.float16, torch.bfloat16) else t for t in dense]
     norms = torch._foreach_norm(wide)
     device = norms[0].device
-    return torch.stack([n.to(device=device, dtype=torch.float32) for n in norms])
+    # Skip the no-op ``.to``: it costs a dispatch per tensor, and on a CPU-only machine a
+    # ``.to(device=cpu)`` is indistinguishable from a device-to-host copy for SyncCounter.
+    return torch.stack(
+        [n if n.device == device and n.dtype == torch.float32 else n.to(device=device, dtype=torch.float32)
+         for n in norms]
+    )
 
 
 def total_norm(per_tensor: Tensor) -> Tensor:
@@ -56,3 +61,11 @@ def step_grad_norms(trainer: Any, optimizer: torch.optim.Optimizer) -> tuple[lis
     norms = foreach_norms([p.grad for p in params])
     _STEP_CACHE[trainer] = (key, params, norms)
     return params, norms
+
+
+def group_sums(values: Tensor, index: Tensor, groups: int) -> Tensor:
+    """Sum ``values`` into ``groups`` buckets by ``index`` on the device (one ``index_add_``).
+
+    Squared per-parameter norms summed this way give squared per-layer norms.
+    """
+    return torch.zeros(groups, dtype=values.dtype, device=values.device).index_add_(0, index, values)

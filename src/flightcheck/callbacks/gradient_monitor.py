@@ -1,0 +1,688 @@
+r"""GradientMonitor: gradient and weight norms, update ratios and gradient flow, on the device.
+
+On every optimizer step (in ``on_before_optimizer_step``: gradients complete after
+accumulation, and unscaled under ``16-mixed``, where Lightning unscales them before this
+hook and clips them after it) the monitor takes:
+
+- the L2 norm of each layer's gradient, from one fused read of the gradients that it shares
+  with :class:`~flightcheck.NonFiniteGuard` (``signals.norms.step_grad_norms``);
+- the update-to-weight ratio ``||Δw|| / ||w||`` of each layer, from a small fixed block of
+  every tensor copied before the step and compared after it
+  (:class:`~flightcheck.signals.updates.UpdateSample`): never a copy of the weights;
+- which parameters received a gradient, and which ever changed.
+
+Every figure stays on the device, one row per step in a small ring buffer, so no step
+between two logging steps is missed. On Lightning's logging steps (``log_every_n_steps``)
+and at the end of each epoch the rows go to the host as one tensor, together with the exact
+per-layer weight norms, are judged by :mod:`flightcheck.checks.gradients` and logged:
+
+- ``flightcheck/grad_norm/total``, ``flightcheck/update_ratio/total`` (every step),
+  ``flightcheck/weight_norm/total`` (logging steps);
+- ``flightcheck/{grad_norm,weight_norm,update_ratio}/layers/<layer>`` (logging steps), for
+  the ``max_layer_charts`` largest layers; the rest summed up as ``layers/other``;
+- ``flightcheck/grad_norm/clipped_fraction`` when ``Trainer(gradient_clip_val=...)`` clips
+  by norm: the share of steps since the last log whose gradient norm was above it;
+- opt-in histograms under ``flightcheck/histograms/``.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from flightcheck.callbacks.base import FlightcheckCallback, OnFinding, logging_due
+from flightcheck.checks import Verdict
+from flightcheck.checks import gradients as judge
+from flightcheck.signals.layers import group_by_layer
+from flightcheck.signals.norms import foreach_norms, group_sums, step_grad_norms
+from flightcheck.signals.updates import DEFAULT_BLOCK_SIZE, UpdateSample
+
+#: Rows of the device ring buffer are capped so that it stays under ~4 MiB of float32.
+_RING_ELEMENTS = 2**20
+
+
+def _device_index(values: Sequence[int], device: torch.device) -> Tensor:
+    """A long index tensor on ``device`` without a synchronising copy (pinned + non-blocking on CUDA)."""
+    host = torch.tensor(list(values), dtype=torch.long)
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host if device.type == "cpu" else host.to(device)
+
+
+def _learning_rate(optimizer: Any) -> float:
+    groups = getattr(optimizer, "param_groups", None) or [{}]
+    lr = groups[0].get("lr")
+    return float(lr) if isinstance(lr, (int, float)) else float("nan")  # a tensor lr would need a sync
+
+
+class _Layout:
+    """What the monitor follows, fixed for a stretch of training: parameters, layers, optimizers."""
+
+    def __init__(self, pl_module: Any, optimizers: Sequence[Any], depth: int, block_size: int) -> None:
+        named = [(n, p) for n, p in pl_module.named_parameters() if p.requires_grad]
+        self.names = [n for n, _ in named]
+        self.params = [p for _, p in named]
+        self.pos = {id(p): i for i, p in enumerate(self.params)}
+        self.device = self.params[0].device if self.params else torch.device("cpu")
+        self.layers, layer_of = group_by_layer(self.names, depth)
+        self.L = len(self.layers)
+        self.layer_of = layer_of
+        self.layer_numel = np.zeros(self.L)
+        for i, p in enumerate(self.params):
+            self.layer_numel[layer_of[i]] += p.numel()
+        self.optimizers = list(optimizers)
+        self.K = len(self.optimizers)
+        self.opt_slot = {id(o): k for k, o in enumerate(self.optimizers)}
+        opt_of: dict[int, int] = {}
+        self.group_of: dict[int, tuple[int, int]] = {}
+        for k, opt in enumerate(self.optimizers):
+            for g, group in enumerate(opt.param_groups):
+                for p in group["params"]:
+                    opt_of.setdefault(id(p), k)
+                    self.group_of.setdefault(id(p), (k, g))
+        self.opt_of = [opt_of.get(id(p), self.K) for p in self.params]  # K: in no optimizer
+        self.orphans = [i for i, k in enumerate(self.opt_of) if k == self.K]
+        self.layer_index = _device_index(layer_of, self.device)
+        self.opt_index = _device_index(self.opt_of, self.device)
+        self.sample = UpdateSample(self.params, self.names, block_size)
+        self.signature = self.signature_of(pl_module, optimizers)
+        self.cache: collections.OrderedDict[Any, Any] = collections.OrderedDict()
+        # row layout: grad² per layer | grad² per optimizer | Δw² per layer | w² per layer | Δw², w² per optimizer
+        L, K1 = self.L, self.K + 1
+        self.G, self.GO = slice(0, L), slice(L, L + K1)
+        self.D, self.W = slice(L + K1, 2 * L + K1), slice(2 * L + K1, 3 * L + K1)
+        self.DO, self.WO = slice(3 * L + K1, 3 * L + 2 * K1), slice(3 * L + 2 * K1, 3 * L + 3 * K1)
+        self.row_len = 3 * L + 3 * K1
+
+    @staticmethod
+    def signature_of(pl_module: Any, optimizers: Sequence[Any]) -> tuple:
+        trainable = tuple(id(p) for p in pl_module.parameters() if p.requires_grad)
+        groups = tuple(id(p) for o in optimizers for g in o.param_groups for p in g["params"])
+        return trainable, groups
+
+    def indices(self, params: Sequence[Tensor], key: Any = None) -> tuple[Tensor, Tensor | None, list[int]]:
+        """``(positions, keep, pos_list)`` for the followed ones among ``params``, cached per parameter set.
+
+        ``keep`` selects their entries from a per-``params`` tensor (``None`` when all are followed).
+        """
+        cache_key = (tuple(map(id, params)), key)
+        hit = self.cache.get(cache_key)
+        if hit is not None:
+            return hit
+        keep = [j for j, p in enumerate(params) if id(p) in self.pos]
+        pos_list = [self.pos[id(params[j])] for j in keep]
+        entry = (
+            _device_index(pos_list, self.device),
+            None if len(keep) == len(params) else _device_index(keep, self.device),
+            pos_list,
+        )
+        self.remember(cache_key, entry)
+        return entry
+
+    def remember(self, key: Any, value: Any) -> None:
+        self.cache[key] = value
+        if len(self.cache) > 64:  # models whose set of parameters with gradients changes (mixture of experts)
+            self.cache.popitem(last=False)
+
+
+class GradientMonitor(FlightcheckCallback):
+    r"""Watch gradient and weight norms and update ratios; warn about explosion, vanishing
+    gradients, spikes, runaway weights, parameters that never update or never get a gradient.
+
+    Costs one fused read of the gradients per step (shared with ``NonFiniteGuard``) plus a few
+    small device ops, and no host-device synchronisation outside logging steps.
+
+    Args:
+        depth: how many levels of module names make a layer: ``encoder.layers.3.attn.q.weight``
+            belongs to ``encoder.layers.3`` at depth 2 (an index counts with the name before it)
+            and to ``encoder`` at depth 1. Default 2: blocks of a stack are told apart without a
+            chart per linear layer.
+        max_layer_charts: per-layer charts for at most this many layers (the largest); the
+            rest are summed up in ``layers/other``. Findings still look at every layer.
+        histogram_every_n_steps: log per-layer histograms of gradients and weights every this
+            many optimizer steps; ``None`` (default) for none. Histograms read every value to
+            the host, so keep this in the hundreds or thousands.
+        update_sample_size: elements each tensor lends to the update-ratio estimate (exact
+            for tensors up to this size). Memory: this many elements per parameter tensor.
+        explosion_factor: how many times its earlier median the recent gradient norm must
+            reach to count as an explosion.
+        spike_min_ratio: how many times the rolling median one step's gradient norm must
+            reach to count as a spike (it must also stand out of the run's own noise).
+        vanishing_ratio: a layer whose gradient RMS is below this fraction of the liveliest
+            layer's has vanishing gradients.
+        max_update_ratio: a sustained ``||Δw|| / ||w||`` per step above this is too large.
+        min_update_ratio: a sustained ratio below this, at a steady learning rate, is too small.
+        weight_growth_factor: the total weight norm growing this much within 20 steps, without
+            slowing down, is runaway growth.
+        flow_after_steps: after this many optimizer steps, report trainable parameters that
+            never got a gradient, and parameters that got gradients but never changed.
+        on_finding: called with each new finding (see :class:`~flightcheck.FlightcheckCallback`).
+
+    Example::
+
+        import lightning as L
+        from flightcheck import GradientMonitor
+
+        trainer = L.Trainer(callbacks=[GradientMonitor(depth=1)], log_every_n_steps=50)
+    """
+
+    name = "gradient_monitor"
+
+    def __init__(
+        self,
+        depth: int = 2,
+        max_layer_charts: int = 32,
+        histogram_every_n_steps: int | None = None,
+        update_sample_size: int = DEFAULT_BLOCK_SIZE,
+        explosion_factor: float = judge.EXPLOSION_FACTOR,
+        spike_min_ratio: float = judge.SPIKE_MIN_RATIO,
+        vanishing_ratio: float = judge.VANISHING_RATIO,
+        max_update_ratio: float = judge.MAX_UPDATE_RATIO,
+        min_update_ratio: float = judge.MIN_UPDATE_RATIO,
+        weight_growth_factor: float = judge.WEIGHT_GROWTH_FACTOR,
+        flow_after_steps: int = judge.FLOW_AFTER_STEPS,
+        on_finding: OnFinding | None = None,
+    ) -> None:
+        super().__init__(on_finding=on_finding)
+        _positive_int("depth", depth)
+        _positive_int("max_layer_charts", max_layer_charts, allow_zero=True)
+        if histogram_every_n_steps is not None:
+            _positive_int("histogram_every_n_steps", histogram_every_n_steps, accepted="None or a positive int")
+        _positive_int("update_sample_size", update_sample_size)
+        _positive_int("flow_after_steps", flow_after_steps)
+        for name, value, low in (("explosion_factor", explosion_factor, 1.0), ("spike_min_ratio", spike_min_ratio, 1.0),
+                                 ("weight_growth_factor", weight_growth_factor, 1.0)):
+            _number_above(name, value, low)
+        for name, value in (("vanishing_ratio", vanishing_ratio), ("max_update_ratio", max_update_ratio),
+                            ("min_update_ratio", min_update_ratio)):
+            _number_above(name, value, 0.0)
+        if vanishing_ratio >= 1:
+            raise ValueError(f"vanishing_ratio must be a fraction in (0, 1), got {vanishing_ratio}")
+        if min_update_ratio >= max_update_ratio:
+            raise ValueError(
+                f"min_update_ratio ({min_update_ratio}) must be below max_update_ratio ({max_update_ratio})"
+            )
+        self.depth = depth
+        self.max_layer_charts = max_layer_charts
+        self.histogram_every_n_steps = histogram_every_n_steps
+        self.update_sample_size = update_sample_size
+        self.explosion_factor = float(explosion_factor)
+        self.spike_min_ratio = float(spike_min_ratio)
+        self.vanishing_ratio = float(vanishing_ratio)
+        self.max_update_ratio = float(max_update_ratio)
+        self.min_update_ratio = float(min_update_ratio)
+        self.weight_growth_factor = float(weight_growth_factor)
+        self.flow_after_steps = flow_after_steps
+        self._layout: _Layout | None = None
+        self._pending_state: dict[str, Any] = {}
+        self._batch_open = False
+        self._meta: list[tuple[int, list[float]]] = []
+        self._reset_history()
+
+    # ------------------------------------------------------------------ state
+    def _reset_history(self) -> None:
+        self._steps_with_grads = 0
+        # per optimizer series (keyed by a stable name): normal gradient norms, recent ones, update ratios
+        self._reference: dict[str, collections.deque] = {}
+        self._early: dict[str, list[float]] = {}
+        self._recent: dict[str, collections.deque] = {}
+        self._ratios: dict[str, collections.deque] = {}  # (step, update ratio, learning rate)
+        self._start_weight: dict[str, float] = {}
+        self._weights: collections.deque = collections.deque(maxlen=judge.WEIGHT_GROWTH_WINDOW + 1)
+        self._layer_weights: collections.deque = collections.deque(maxlen=judge.WEIGHT_GROWTH_WINDOW + 1)
+        self._layer_rms: collections.deque = collections.deque(maxlen=judge.VANISHING_WINDOW)
+        self._raised: dict[tuple[str, str], str] = {}  # (check, series) -> target of the active finding
+        self._spikes: dict[str, tuple[Verdict, int]] = {}
+        self._vanishing_layers: set[str] = set()
+
+    def _reset_device_state(self, lay: _Layout, capacity: int) -> None:
+        P, dev = len(lay.params), lay.device
+        self._ring = torch.zeros(capacity, lay.row_len, device=dev)
+        self._row = torch.full((lay.row_len,), math.nan, device=dev)
+        self._grad_steps = torch.zeros(P, device=dev)  # steps with a non-zero gradient
+        self._hits = torch.zeros(P, device=dev)  # steps whose sampled block got a non-zero finite gradient
+        self._delta_max = torch.zeros(P, device=dev)  # the largest Δw² seen
+        self._no_grad_yet = {id(p) for i, p in enumerate(lay.params) if lay.opt_of[i] < lay.K}
+        self._unsettled = set(range(P))  # never seen changing: still collecting evidence
+        self._generation = 0
+        self._meta: list[tuple[int, list[float]]] = []
+        self._batch_open = False
+        self._row_due = False
+        self._row_step = 0
+        self._row_lrs: list[float] = []
+
+    def extra_state(self) -> dict[str, Any]:
+        lay = self._layout
+        per_param: dict[str, list[float]] = dict(self._pending_state.get("per_param", {}))
+        if lay is not None and lay.params:
+            stats = torch.stack([self._grad_steps, self._hits, self._delta_max], 1).tolist()  # checkpoint time only
+            for i, name in enumerate(lay.names):
+                had = 0.0 if id(lay.params[i]) in self._no_grad_yet else 1.0
+                per_param[name] = [*stats[i], had]
+        return {
+            "steps_with_grads": self._steps_with_grads,
+            "reference": {k: list(v) for k, v in self._reference.items()},
+            "early": {k: list(v) for k, v in self._early.items()},
+            "recent": {k: list(v) for k, v in self._recent.items()},
+            "ratios": {k: [list(t) for t in v] for k, v in self._ratios.items()},
+            "start_weight": dict(self._start_weight),
+            "weights": list(self._weights),
+            "raised": [[c, s, t] for (c, s), t in self._raised.items()],
+            "per_param": per_param,
+        }
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self._reset_history()
+        self._steps_with_grads = int(state.get("steps_with_grads", 0))
+        for attr, maxlen in (("reference", judge.SPIKE_WINDOW), ("recent", judge.EXPLOSION_WINDOW),
+                             ("ratios", judge.UPDATE_RATIO_WINDOW)):
+            store = getattr(self, f"_{attr}")
+            for key, values in state.get(attr, {}).items():
+                store[key] = collections.deque([tuple(v) if isinstance(v, list) else v for v in values], maxlen=maxlen)
+        self._start_weight = dict(state.get("start_weight", {}))
+        self._early = {k: list(v) for k, v in state.get("early", {}).items()}
+        self._weights.extend(state.get("weights", []))
+        self._raised = {(c, s): t for c, s, t in state.get("raised", [])}
+        self._pending_state = {"per_param": dict(state.get("per_param", {}))}
+        self._layout = None
+
+    # ------------------------------------------------------------------ layout
+    def _ensure_layout(self, trainer: Any, pl_module: Any) -> _Layout:
+        if self._layout is None:
+            lay = _Layout(pl_module, list(getattr(trainer, "optimizers", []) or []), self.depth,
+                          self.update_sample_size)
+            every = int(getattr(trainer, "log_every_n_steps", 0) or 0) or 50
+            capacity = max(1, min(every, max(8, _RING_ELEMENTS // max(lay.row_len, 1))))
+            self._layout = lay
+            self._reset_device_state(lay, capacity)
+            self._restore_per_param(lay)
+        return self._layout
+
+    def _restore_per_param(self, lay: _Layout) -> None:
+        saved = self._pending_state.pop("per_param", {})
+        rows = [(i, saved[n]) for i, n in enumerate(lay.names) if n in saved]
+        if not rows:
+            return
+        idx = torch.tensor([i for i, _ in rows], dtype=torch.long, device=lay.device)
+        vals = torch.tensor([r[:3] for _, r in rows], dtype=torch.float32, device=lay.device)
+        for column, target in enumerate((self._grad_steps, self._hits, self._delta_max)):
+            target.index_copy_(0, idx, vals[:, column])
+        for i, r in rows:
+            if r[3] > 0:
+                self._no_grad_yet.discard(id(lay.params[i]))
+            if r[2] > 0:
+                self._unsettled.discard(i)
+
+    def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        # Fine-tuning callbacks unfreeze layers and add param groups between epochs: follow them.
+        lay = self._layout
+        if lay is not None and lay.signature != _Layout.signature_of(pl_module, trainer.optimizers):
+            self._flush(trainer)
+            self._pending_state = {"per_param": self.extra_state()["per_param"]}
+            self._layout = None
+
+    # ------------------------------------------------------------------ per step, on the device
+    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+        lay = self._ensure_layout(trainer, pl_module)
+        if not lay.params:
+            return
+        k = lay.opt_slot.get(id(optimizer), lay.K)
+        if not self._batch_open:
+            self._open_row(trainer, lay)
+        self._row_due = self._row_due or logging_due(trainer)
+        self._row_lrs[k] = _learning_rate(optimizer)
+        params, norms = step_grad_norms(trainer, optimizer)
+        if params:
+            with torch.no_grad():
+                self._take_gradients(lay, k, params, norms)
+        every = self.histogram_every_n_steps
+        if every and int(trainer.global_step) % every == 0:
+            self._log_histograms(trainer, lay, params)
+
+    def _open_row(self, trainer: Any, lay: _Layout) -> None:
+        self._batch_open = True
+        self._row_due = False
+        self._row_step = int(trainer.global_step)
+        self._row_lrs = [math.nan] * (lay.K + 1)
+        self._row.fill_(math.nan)
+        lay.sample.snapshot()
+        # Parameters in no optimizer keep their .grad (nobody zeroes it): note that they get one.
+        present = [i for i in lay.orphans if lay.params[i].grad is not None]
+        if present:
+            grads = [lay.params[i].grad for i in present]
+            self._note_gradients(lay, foreach_norms(grads), [lay.params[i] for i in present], "orphans")
+
+    def _take_gradients(self, lay: _Layout, k: int, params: list[Tensor], norms: Tensor) -> None:
+        positions, keep, _ = lay.indices(params)
+        if keep is not None:
+            norms = norms.index_select(0, keep)
+            params = [p for p in params if id(p) in lay.pos]
+            if not params:
+                return
+        norms = norms.to(lay.device) if norms.device != lay.device else norms
+        sq = norms.square()
+        layer_idx = lay.layer_index.index_select(0, positions)
+        touched = torch.zeros(lay.L, dtype=torch.bool, device=lay.device).index_fill_(0, layer_idx, True)
+        g = self._row[lay.G]
+        g.copy_(torch.where(touched, g.nan_to_num(0.0) + group_sums(sq, layer_idx, lay.L), g))
+        total = self._row[lay.GO.start + k]
+        total.copy_(total.nan_to_num(0.0) + sq.sum())
+        self._steps_with_grads += 1
+        if self._no_grad_yet:
+            self._no_grad_yet.difference_update(map(id, params))
+        self._note_gradients(lay, norms, params, k, finite=torch.isfinite(sq.sum()))
+
+    def _note_gradients(self, lay: _Layout, norms: Tensor, params: list[Tensor], key: Any,
+                        finite: Tensor | None = None) -> None:
+        positions, _, pos_list = lay.indices(params)
+        self._grad_steps.index_add_(0, positions, (norms != 0).float())
+        if not self._unsettled:
+            return
+        # Evidence for "never updated": the sampled block of a not-yet-changed parameter got a
+        # finite non-zero gradient on this step (index tensors cached per settling generation).
+        cpos, cand = self._candidates(lay, params, pos_list, ("evidence", key, self._generation))
+        if not cand:
+            return
+        block = lay.sample.grad_block_norms(cand, [lay.params[i].grad for i in cand])
+        hit = block != 0
+        if finite is not None:
+            hit = hit & finite
+        self._hits.index_add_(0, cpos, hit.float())
+
+    def _candidates(self, lay: _Layout, params: list[Tensor], pos_list: list[int], key: Any) -> tuple[Tensor, list[int]]:
+        """The not-yet-settled among ``params``; recomputed only when the settled set changes (a flush)."""
+        cache_key = (tuple(map(id, params)), key)
+        hit = lay.cache.get(cache_key)
+        if hit is None:
+            cand = [i for i in pos_list if i in self._unsettled]
+            hit = (_device_index(cand, lay.device), cand)
+            lay.remember(cache_key, hit)
+        return hit
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if not self._batch_open:
+            return
+        lay = self._layout
+        assert lay is not None
+        self._batch_open = False
+        delta_sq, weight_sq = lay.sample.measure()
+        row = self._row
+        row[lay.D] = group_sums(delta_sq, lay.layer_index, lay.L)
+        row[lay.W] = group_sums(weight_sq, lay.layer_index, lay.L)
+        row[lay.DO] = group_sums(delta_sq, lay.opt_index, lay.K + 1)
+        row[lay.WO] = group_sums(weight_sq, lay.opt_index, lay.K + 1)
+        torch.maximum(self._delta_max, delta_sq, out=self._delta_max)
+        n = len(self._meta)
+        self._ring[n].copy_(row)
+        self._meta.append((self._row_step, self._row_lrs))
+        if self._row_due or len(self._meta) >= self._ring.shape[0]:
+            self._flush(trainer)
+
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        self._flush(trainer)
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        self._flush(trainer)
+
+    # ------------------------------------------------------------------ once per logging interval, on the host
+    def _flush(self, trainer: Any) -> None:
+        lay = self._layout
+        if lay is None or not lay.params or not self._meta:
+            return
+        n, P, L = len(self._meta), len(lay.params), lay.L
+        with torch.no_grad():
+            exact_w = group_sums(foreach_norms(lay.params).square(), lay.layer_index, L)
+            flat = torch.cat([self._ring[:n].reshape(-1), exact_w, self._grad_steps, self._hits, self._delta_max])
+            host = flat.cpu().numpy().astype(np.float64)  # the one device-to-host transfer of the interval
+        meta, self._meta = self._meta, []
+        rows = host[: n * lay.row_len].reshape(n, lay.row_len)
+        rest = host[n * lay.row_len :]
+        layer_w = rest[:L]
+        grad_steps, hits, delta_max = rest[L : L + P], rest[L + P : L + 2 * P], rest[L + 2 * P :]
+        changed = {i for i in self._unsettled if delta_max[i] != 0}
+        if changed:
+            self._unsettled -= changed
+            self._generation += 1
+
+        per_step = self._absorb_rows(lay, rows, meta)
+        per_step[-1][1].update(self._layer_metrics(trainer, lay, rows, layer_w))
+        hub = self.hub(trainer)
+        for step, metrics in per_step:
+            hub.log_scalars(metrics, step=step)
+        step = meta[-1][0]
+        for slot, verdict, at in self._judge_series(lay, rows, step) + self._judge_parameters(lay, grad_steps, hits,
+                                                                                              delta_max, step):
+            self._raise(trainer, slot, verdict, at)
+
+    def _series_name(self, lay: _Layout, k: int) -> str:
+        if k == lay.K:
+            return "unregistered_optimizer"
+        return "total" if lay.K == 1 else f"optimizer_{k}"
+
+    def _absorb_rows(self, lay: _Layout, rows: np.ndarray, meta: list) -> list[tuple[int, dict[str, float]]]:
+        """Extend the host-side histories with each step's row; returns each step's total scalars.
+
+        Spikes are judged here, step by step, against the history before each step.
+        """
+        numel = np.maximum(lay.layer_numel, 1)
+        per_step: list[tuple[int, dict[str, float]]] = []
+        self._spikes = {}
+        for row, (step, lrs) in zip(rows, meta):
+            g_layer, g_opt, d_opt, w_opt, w_layer = row[lay.G], row[lay.GO], row[lay.DO], row[lay.WO], row[lay.W]
+            measured = np.isfinite(g_layer)
+            metrics: dict[str, float] = {}
+            top = None
+            if measured.any():
+                metrics["flightcheck/grad_norm/total"] = float(np.sqrt(np.sum(g_layer[measured])))
+                top = lay.layers[int(np.argmax(np.where(measured, g_layer, -1.0)))]
+                with np.errstate(invalid="ignore"):
+                    self._layer_rms.append(np.where(measured & (g_layer > 0), np.sqrt(g_layer / numel), np.nan))
+            for k in range(lay.K + 1):
+                if not np.isfinite(g_opt[k]):
+                    continue  # not stepped, or non-finite gradients (NonFiniteGuard's finding)
+                name = self._series_name(lay, k)
+                value = float(np.sqrt(g_opt[k]))
+                if lay.K > 1:
+                    metrics[f"flightcheck/grad_norm/{name}"] = value
+                if value <= 0:
+                    continue  # no gradient at all this step: gradient_flow's business
+                early = self._early.setdefault(name, [])
+                if len(early) < judge.EARLY_STEPS:
+                    early.append(value)
+                ref = self._reference.setdefault(name, collections.deque(maxlen=judge.SPIKE_WINDOW))
+                spike = judge.grad_spike(value, ref, step=step, early_level=float(np.median(early)), target=name,
+                                         min_ratio=self.spike_min_ratio, top_layer=top)
+                if spike is not None and name not in self._spikes:
+                    self._spikes[name] = (spike, step)
+                # Explosions stay out of the reference, so a persisting one stays reported.
+                if len(ref) < judge.MIN_REFERENCE or value < self.explosion_factor * float(np.median(ref)):
+                    ref.append(value)
+                self._recent.setdefault(name, collections.deque(maxlen=judge.EXPLOSION_WINDOW)).append(value)
+                self._start_weight.setdefault(name, float(w_opt[k]))
+                ratio = float(np.sqrt(d_opt[k] / w_opt[k])) if w_opt[k] > 0 and np.isfinite(d_opt[k]) else 0.0
+                if ratio > 0:  # 0: the optimizer skipped this step (fp16 overflow, learning rate 0)
+                    history = self._ratios.setdefault(name, collections.deque(maxlen=judge.UPDATE_RATIO_WINDOW))
+                    history.append((step, ratio, lrs[k]))
+            d_all, w_all = np.nansum(d_opt[: lay.K]), np.nansum(w_opt[: lay.K])
+            if w_all > 0 and np.isfinite(d_all):
+                metrics["flightcheck/update_ratio/total"] = float(np.sqrt(d_all / w_all))
+            if np.all(np.isfinite(w_layer)):
+                self._weights.append(float(np.sqrt(w_layer.sum())))
+                self._layer_weights.append(np.sqrt(w_layer))
+            per_step.append((step, metrics))
+        return per_step
+
+    def _judge_series(self, lay: _Layout, rows: np.ndarray, step: int) -> list:
+        verdicts: list[tuple[tuple[str, str], Verdict | None, int]] = []
+        top = self._top_layer(lay, rows)
+        for name, recent in self._recent.items():
+            explosion = judge.grad_explosion(recent, self._reference.get(name, ()), early=self._early.get(name, ()),
+                                             target=name, factor=self.explosion_factor, top_layer=top)
+            verdicts.append((("grad_explosion", name), explosion, step))
+            if explosion is None:  # the climb of an explosion is not also a spike
+                spike, at = self._spikes.get(name, (None, step))
+                verdicts.append((("grad_spike", name), spike, at))
+        for name, history in self._ratios.items():
+            early, recent = self._early.get(name), self._reference.get(name)
+            level = float(np.median(list(recent)[-judge.UPDATE_RATIO_WINDOW :]) / np.median(early)) if early and recent else None
+            at, ratios, lrs = zip(*history)
+            verdict = judge.update_ratio(ratios, learning_rates=lrs, steps=at, gradient_level=level,
+                                         from_zero=self._start_weight.get(name, 1.0) == 0, target=name,
+                                         max_ratio=self.max_update_ratio, min_ratio=self.min_update_ratio)
+            verdicts.append((("update_ratio", name), verdict, step))
+        self._vanishing_layers: set[str] = set()
+        if len(self._layer_rms) >= judge.VANISHING_MIN_STEPS:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns: layers never measured
+                typical = np.nanmedian(np.stack(self._layer_rms), axis=0)
+            verdict = judge.grad_vanishing(dict(zip(lay.layers, typical.tolist())), ratio=self.vanishing_ratio)
+            if verdict is not None:
+                self._vanishing_layers = set(verdict.data["layers"])
+            verdicts.append((("grad_vanishing", ""), verdict, step))
+        fastest = None
+        if len(self._layer_weights) == self._layer_weights.maxlen:
+            first, last = self._layer_weights[0], self._layer_weights[-1]
+            with np.errstate(all="ignore"):
+                fastest = lay.layers[int(np.argmax(np.where(first > 0, last / first, 0.0)))]
+        verdict = judge.weight_growth(self._weights, factor=self.weight_growth_factor, top_layer=fastest)
+        verdicts.append((("weight_growth", ""), verdict, step))
+        return verdicts
+
+    @staticmethod
+    def _top_layer(lay: _Layout, rows: np.ndarray) -> str | None:
+        """The layer holding the largest gradient in the latest step that measured one."""
+        for row in rows[::-1]:
+            g = row[lay.G]
+            if np.isfinite(g).any() and np.nanmax(g) > 0:
+                return lay.layers[int(np.nanargmax(g))]
+        return None
+
+    def _judge_parameters(self, lay: _Layout, grad_steps: np.ndarray, hits: np.ndarray, delta_max: np.ndarray,
+                          step: int) -> list:
+        if self._steps_with_grads < self.flow_after_steps:
+            return []
+        no_grad: dict[str, list[str]] = {}
+        zero_grad: dict[str, list[str]] = {}
+        stale: dict[str, list[str]] = {}
+        stale_hits: list[float] = []
+        orphans: list[str] = []
+        for i, (name, p) in enumerate(zip(lay.names, lay.params)):
+            layer = lay.layers[lay.layer_of[i]]
+            in_optimizer = lay.opt_of[i] < lay.K
+            if in_optimizer and id(p) in self._no_grad_yet:
+                no_grad.setdefault(layer, []).append(name)
+            elif in_optimizer and grad_steps[i] == 0:
+                zero_grad.setdefault(layer, []).append(name)
+            # A vanishing gradient can be too small to change a float32 weight at all: that is
+            # grad_vanishing's finding, not a second one here.
+            explained = in_optimizer and layer in self._vanishing_layers
+            if (hits[i] >= judge.NEVER_UPDATED_MIN_STEPS and delta_max[i] == 0 and not explained
+                    and not self._frozen_by_lr(lay, p)):
+                stale.setdefault(layer, []).append(name)
+                stale_hits.append(hits[i])
+                if not in_optimizer:
+                    orphans.append(name)
+        flow = judge.gradient_flow(no_grad, zero_grad, steps=self._steps_with_grads)
+        updated = judge.never_updated(stale, steps=int(min(stale_hits, default=0)), orphans=orphans)
+        return [(("gradient_flow", ""), flow, step), (("update_ratio", "never_updated"), updated, step)]
+
+    @staticmethod
+    def _frozen_by_lr(lay: _Layout, p: Tensor) -> bool:
+        """A parameter whose param group has learning rate 0 is frozen on purpose."""
+        where = lay.group_of.get(id(p))
+        if where is None:
+            return False
+        lr = lay.optimizers[where[0]].param_groups[where[1]].get("lr")
+        return isinstance(lr, (int, float)) and lr == 0
+
+    def _raise(self, trainer: Any, slot: tuple[str, str], verdict: Verdict | None, step: int) -> None:
+        """Report a verdict, or re-arm the slot's last finding once its judge sees it cleared."""
+        previous = self._raised.get(slot)
+        if verdict is None:
+            if previous is not None:
+                self.resolve(slot[0], previous)
+                del self._raised[slot]
+            return
+        if previous is not None and previous != verdict.target:
+            self.resolve(slot[0], previous)
+        self._raised[slot] = verdict.target or ""
+        self.report_verdict(trainer, verdict, step=step)
+
+    # ------------------------------------------------------------------ charts
+    def _layer_metrics(self, trainer: Any, lay: _Layout, rows: np.ndarray, layer_w: np.ndarray) -> dict[str, float]:
+        """Per-layer scalars at a logging step: the charted layers, and the rest summed as ``other``."""
+        metrics = {"flightcheck/weight_norm/total": float(np.sqrt(layer_w.sum()))}
+        grad = np.full(lay.L, np.nan)
+        for row in rows:  # the latest measurement of every layer
+            fresh = np.isfinite(row[lay.G])
+            grad[fresh] = row[lay.G][fresh]
+        delta, weight = rows[-1][lay.D], rows[-1][lay.W]
+        charted = self._charted(lay)
+        rest = np.ones(lay.L, dtype=bool)
+        rest[charted] = False
+        groups = [(f"layers/{lay.layers[j]}", [j]) for j in charted]
+        if rest.any():
+            groups.append(("layers/other", np.flatnonzero(rest).tolist()))
+        with np.errstate(all="ignore"):
+            for label, idx in groups:
+                values = {
+                    "grad_norm": np.sqrt(np.nansum(grad[idx])) if np.isfinite(grad[idx]).any() else math.nan,
+                    "weight_norm": np.sqrt(np.sum(layer_w[idx])),
+                    "update_ratio": np.sqrt(np.sum(delta[idx]) / np.sum(weight[idx])),
+                }
+                for kind, value in values.items():
+                    if math.isfinite(value):
+                        metrics[f"flightcheck/{kind}/{label}"] = float(value)
+        clip = getattr(trainer, "gradient_clip_val", None)
+        algorithm = getattr(trainer, "gradient_clip_algorithm", None)
+        if clip and (algorithm is None or algorithm == "norm"):
+            with np.errstate(all="ignore"):
+                totals = np.sqrt(np.nansum(rows[:, lay.G], axis=1))
+            metrics["flightcheck/grad_norm/clipped_fraction"] = float(np.mean(totals > float(clip)))
+        return metrics
+
+    def _charted(self, lay: _Layout) -> list[int]:
+        if lay.L <= self.max_layer_charts:
+            return list(range(lay.L))
+        biggest = np.argsort(-lay.layer_numel, kind="stable")[: self.max_layer_charts]
+        return sorted(int(j) for j in biggest)
+
+    def _log_histograms(self, trainer: Any, lay: _Layout, params: list[Tensor]) -> None:
+        writer = self.hub(trainer).tensorboard
+        if writer is None:
+            return
+        charted = set(self._charted(lay))
+        by_layer: dict[int, list[Tensor]] = {}
+        for p in params:
+            i = lay.pos.get(id(p))
+            if i is not None and lay.layer_of[i] in charted and p.grad is not None and not p.grad.is_sparse:
+                by_layer.setdefault(lay.layer_of[i], []).append(p)
+        step = int(trainer.global_step)
+        for j, ps in by_layer.items():  # one layer at a time: never a copy of every gradient at once
+            name = lay.layers[j]
+            writer.add_histogram(f"flightcheck/histograms/grad/{name}",
+                                 torch.cat([p.grad.detach().reshape(-1).float() for p in ps]), step)
+            writer.add_histogram(f"flightcheck/histograms/weight/{name}",
+                                 torch.cat([p.detach().reshape(-1).float() for p in ps]), step)
+
+
+def _positive_int(name: str, value: Any, allow_zero: bool = False, accepted: str | None = None) -> None:
+    low = 0 if allow_zero else 1
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        what = accepted or ("a non-negative int" if allow_zero else "a positive int")
+        raise ValueError(f"{name} must be {what}, got {value!r}")
+
+
+def _number_above(name: str, value: Any, low: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > low or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number above {low:g}, got {value!r}")
+
+
+__all__ = ["GradientMonitor"]

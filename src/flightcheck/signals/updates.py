@@ -1,0 +1,116 @@
+"""How far an optimizer step moved the weights, without copying the weights.
+
+The update-to-weight ratio ``||w_after - w_before|| / ||w||`` needs the weights from before
+the step. A copy of every weight doubles the model's memory; instead each tensor lends one
+fixed contiguous block (whole rows where they fit, at most ``size`` elements, the whole
+tensor when it is smaller). The block is copied before the step and compared after it, and
+the block's squared norms are scaled up by ``numel / block`` to estimate the tensor's.
+Rows of a layer are exchangeable (same initialisation, same optimizer), so a few of them
+estimate the layer's ratio well; tensors up to ``size`` elements are measured exactly.
+
+Copy, difference and norms are fused multi-tensor ops on the device; nothing is read back.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from flightcheck.signals.norms import foreach_norms
+
+#: Elements per tensor in the block; 4096 floats is 16 KiB per tensor.
+DEFAULT_BLOCK_SIZE = 4096
+
+
+def block_span(shape: Sequence[int], size: int, key: str) -> tuple[int, int]:
+    """``(start, length)`` of the block a tensor of ``shape`` lends to the update estimate.
+
+    Whole rows (slices along the first dimension) when a row fits in ``size``; the start is a
+    deterministic pseudo-random row chosen from ``key`` (the parameter's name), so the block
+    does not always sit on the first rows (an embedding's padding and special tokens).
+    """
+    numel = 1
+    for s in shape:
+        numel *= int(s)
+    if numel <= size:
+        return 0, numel
+    unit = numel // int(shape[0]) if len(shape) > 1 else 1
+    if unit > size:
+        unit = 1
+    length = (size // unit) * unit
+    slots = (numel - length) // unit + 1
+    return (zlib.crc32(key.encode()) % slots) * unit, length
+
+
+def blocks(tensors: Sequence[Tensor], spans: Sequence[tuple[int, int]]) -> list[Tensor]:
+    """Flat views of each tensor's block (a copy only for a tensor that cannot be flattened in place)."""
+    return [t.detach().reshape(-1)[start : start + length] for t, (start, length) in zip(tensors, spans)]
+
+
+class UpdateSample:
+    """Per-tensor estimates of ``||Δw||²`` and ``||w||²`` (before the step) for one optimizer step.
+
+    Args:
+        params: the tensors to follow (the same list, in the same order, for the whole run).
+        names: their names; they seed where each block sits.
+        size: the most elements a tensor lends.
+
+    Example::
+
+        sample = UpdateSample(params, names)
+        sample.snapshot()          # before optimizer.step()
+        optimizer.step()
+        delta_sq, before_sq = sample.measure()
+        ratio = (delta_sq.sum() / before_sq.sum()).sqrt()
+    """
+
+    def __init__(self, params: Sequence[Tensor], names: Sequence[str], size: int = DEFAULT_BLOCK_SIZE) -> None:
+        if size < 1:
+            raise ValueError(f"size must be a positive number of elements, got {size}")
+        self.params = list(params)
+        self.spans = [block_span(tuple(p.shape), size, name) for p, name in zip(self.params, names)]
+        device = self.params[0].device if self.params else torch.device("cpu")
+        self.scale = torch.tensor(
+            [p.numel() / length if length else 0.0 for p, (_, length) in zip(self.params, self.spans)],
+            dtype=torch.float32,
+            device=device,
+        )
+        self._before = [torch.empty(length, dtype=p.dtype, device=p.device) for p, (_, length) in
+                        zip(self.params, self.spans)]
+
+    def snapshot(self) -> None:
+        """Copy every block; call it before the optimizer step."""
+        if self.params:
+            with torch.no_grad():
+                torch._foreach_copy_(self._before, blocks(self.params, self.spans))
+
+    def measure(self) -> tuple[Tensor, Tensor]:
+        """``(delta_sq, before_sq)`` per tensor: the squared norms of the step's change and of the
+        weights before it, scaled to whole-tensor estimates (float32, on the device).
+
+        The ratio is taken against the weights *before* the step, so a step that blows the
+        weights up reads as the huge ratio it is, not as ~1 against the blown-up weights.
+        """
+        if not self.params:
+            empty = torch.zeros(0)
+            return empty, empty
+        with torch.no_grad():
+            delta = torch._foreach_sub(blocks(self.params, self.spans), self._before)
+            return foreach_norms(delta).square() * self.scale, foreach_norms(self._before).square() * self.scale
+
+    def grad_block_norms(self, positions: Sequence[int], grads: Sequence[Tensor]) -> Tensor:
+        """Norms of the gradient over the same blocks, for the tensors at ``positions``.
+
+        The evidence that a block *received* gradient: a block whose gradient is zero (an
+        embedding row no batch used) may rightly stay unchanged. Sparse gradients have no
+        flat block and are measured whole.
+        """
+        views = [g.coalesce().values() if g.is_sparse else g.detach().reshape(-1)[s : s + n]
+                 for g, (s, n) in zip(grads, (self.spans[i] for i in positions))]
+        return foreach_norms(views)
+
+
+__all__ = ["DEFAULT_BLOCK_SIZE", "UpdateSample", "block_span", "blocks"]
