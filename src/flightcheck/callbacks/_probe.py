@@ -1,0 +1,276 @@
+"""The fixed probe batch shared by the monitors that predict it (``PredictionStability``,
+``ActivationMonitor``): where it comes from, when it is due, and how the model is run on it
+without leaving a trace on training.
+
+Where the probe comes from, first that applies:
+
+1. the batch the user gave (moved to the model's device, in the trainer's precision);
+2. the first batch of the first validation loader, as Lightning's sanity check fetched it
+   (copied; the loader itself is never iterated by flightcheck, so the validation order,
+   workers and samplers of the run are untouched);
+3. the first training batch, copied in ``on_train_batch_start`` before ``training_step``
+   sees it (when there is no validation, or the sanity check is off).
+
+The probe is not saved in checkpoints: a resumed run takes a new one and starts its
+comparisons afresh.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
+from lightning_utilities.core.apply_func import apply_to_collection
+from torch import Tensor, nn
+from torchmetrics import Metric
+
+from flightcheck.utils import modes_preserved, preserved_rng, tensors_in
+
+#: Keys tried, in order, for the model input of a dict batch ...
+INPUT_KEYS: tuple[str, ...] = ("x", "input", "inputs", "input_ids", "image", "images", "features", "data")
+#: ... for its target ...
+TARGET_KEYS: tuple[str, ...] = ("y", "target", "targets", "label", "labels", "mask", "masks")
+#: ... and for the prediction in a dict output (else its first tensor).
+OUTPUT_KEYS: tuple[str, ...] = ("logits", "preds", "y_hat")
+
+PredictionFn = Callable[[Any, Any], Tensor]
+TargetFn = Callable[[Any], "Tensor | None"]
+
+
+# --------------------------------------------------------------------------- batch reading
+def default_inputs(batch: Any) -> Any:
+    """The model input of a batch: the batch itself if it is a tensor, its first element if it
+    is a tuple or list, the first of :data:`INPUT_KEYS` (else the first tensor) of a dict."""
+    if isinstance(batch, Tensor):
+        return batch
+    if isinstance(batch, (tuple, list)) and batch:
+        return batch[0]
+    if isinstance(batch, Mapping):
+        for key in INPUT_KEYS:
+            if key in batch:
+                return batch[key]
+    for _, tensor in tensors_in(batch):
+        return tensor
+    raise TypeError(f"cannot find the model input in a batch of type {type(batch).__name__}; give a prediction_fn")
+
+
+def default_target(batch: Any) -> Tensor | None:
+    """The labels of a batch: its second element (tuple/list) or the first of :data:`TARGET_KEYS`
+    (dict); ``None`` when there is none."""
+    if isinstance(batch, (tuple, list)) and len(batch) > 1 and isinstance(batch[1], Tensor):
+        return batch[1]
+    if isinstance(batch, Mapping):
+        for key in TARGET_KEYS:
+            if isinstance(batch.get(key), Tensor):
+                return batch[key]
+    return None
+
+
+def prediction_in(output: Any) -> Tensor:
+    """The prediction in a model's output: the tensor itself, the first of :data:`OUTPUT_KEYS`
+    of a dict, else the first tensor found (first element of a tuple)."""
+    if isinstance(output, Tensor):
+        return output
+    if isinstance(output, Mapping):
+        for key in OUTPUT_KEYS:
+            if isinstance(output.get(key), Tensor):
+                return output[key]
+    for _, tensor in tensors_in(output):
+        return tensor
+    raise TypeError(f"the model returned {type(output).__name__} with no tensor in it; give a prediction_fn")
+
+
+def default_prediction(pl_module: Any, batch: Any) -> Tensor:
+    """``pl_module(default_inputs(batch))``, then :func:`prediction_in` of what it returns."""
+    return prediction_in(pl_module(default_inputs(batch)))
+
+
+def copy_batch(batch: Any) -> Any:
+    """A detached copy of every tensor in ``batch`` (the user's step may change it in place)."""
+    return apply_to_collection(batch, Tensor, lambda t: t.detach().clone())
+
+
+# --------------------------------------------------------------------------- source
+class ProbeSource:
+    """Holds the probe batch: the user's, else the first validation batch, else the first training batch."""
+
+    def __init__(self, batch: Any = None) -> None:
+        if batch is not None and not any(True for _ in tensors_in(batch)):
+            raise TypeError(f"probe_batch must contain at least one tensor, got {type(batch).__name__}")
+        self._given = batch
+        self._batch: Any = None
+        self.origin: str | None = None
+
+    def offer_validation(self, trainer: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        """Take the first batch of the first validation loader of a fit's sanity check."""
+        if self._batch is not None or self._given is not None or not _fitting(trainer):
+            return
+        if getattr(trainer, "sanity_checking", False) and batch_idx == 0 and dataloader_idx == 0 and batch is not None:
+            self._batch, self.origin = copy_batch(batch), "validation"
+
+    def offer_training(self, trainer: Any, batch: Any) -> None:
+        """Take the first training batch when nothing better came."""
+        if self._batch is None and self._given is None and batch is not None:
+            self._batch, self.origin = copy_batch(batch), "training"
+
+    def get(self, trainer: Any, pl_module: Any) -> Any:
+        if self._batch is None and self._given is not None:
+            batch = trainer.precision_plugin.convert_input(self._given)
+            self._batch, self.origin = move_data_to_device(batch, pl_module.device), "given"
+        return self._batch
+
+    def reset(self) -> None:
+        """Forget a captured batch (a new fit takes a new one); a given batch stays."""
+        self._batch, self.origin = None, None
+
+
+def _fitting(trainer: Any) -> bool:
+    fn = getattr(getattr(trainer, "state", None), "fn", None)
+    return str(getattr(fn, "value", fn)) == "fit"
+
+
+# --------------------------------------------------------------------------- schedule
+class ProbeSchedule:
+    """Every ``every_n_steps`` optimizer steps (default: the trainer's ``log_every_n_steps``,
+    so the one host transfer of a probe falls on a step where Lightning already syncs)."""
+
+    def __init__(self, every_n_steps: int | None = None) -> None:
+        if every_n_steps is not None and (not isinstance(every_n_steps, int) or every_n_steps < 1):
+            raise ValueError(f"every_n_steps must be None (the trainer's log_every_n_steps) or an int >= 1, got {every_n_steps!r}")
+        self.every_n_steps = every_n_steps
+        self.last_step: int | None = None
+        self._boundary = -1
+
+    def interval(self, trainer: Any) -> int:
+        return self.every_n_steps or max(1, int(getattr(trainer, "log_every_n_steps", 50) or 50))
+
+    def due(self, trainer: Any) -> bool:
+        """Whether the step just taken crossed a multiple of the interval (steps can advance by
+        several at once under manual optimisation with many optimizers). A multiple that falls
+        within half an interval of the last probe is skipped, not postponed, so probes stay on
+        the logging steps."""
+        if self.last_step is None:
+            return True
+        boundary = int(trainer.global_step) // self.interval(trainer)
+        if boundary <= self._boundary:
+            return False
+        self._boundary = boundary
+        return self.spaced(trainer)
+
+    def mark(self, trainer: Any) -> None:
+        """Record a probe at the current step."""
+        self.last_step = int(trainer.global_step)
+        self._boundary = max(self._boundary, self.last_step // self.interval(trainer))
+
+    def reset(self) -> None:
+        self.last_step, self._boundary = None, -1
+
+    def spaced(self, trainer: Any) -> bool:
+        """At least half an interval since the last probe: an extra probe (after validation)
+        right next to a scheduled one would measure one step's change, not an interval's."""
+        if self.last_step is None:
+            return True
+        return int(trainer.global_step) - self.last_step >= max(1, (self.interval(trainer) + 1) // 2)
+
+
+def fitting(trainer: Any) -> bool:
+    """A ``fit`` outside its sanity check (probes judge training, not ``validate``/``test``)."""
+    return _fitting(trainer) and not getattr(trainer, "sanity_checking", False)
+
+
+# --------------------------------------------------------------------------- leaving no trace
+@contextlib.contextmanager
+def public_attributes_preserved(module: nn.Module) -> Iterator[None]:
+    """Put back each submodule's public plain attributes on exit.
+
+    A forward pass may carry state in attributes (a recurrent state kept between steps for
+    truncated backprop, a cache, a counter); the probe's forward must not hand its own to the
+    next training step. Private attributes (``_name``) belong to frameworks (FSDP, compile,
+    Lightning) and are left to them.
+    """
+    saved = [(m, {k: v for k, v in vars(m).items() if not k.startswith("_")}) for m in module.modules()]
+    try:
+        yield
+    finally:
+        for m, attrs in saved:
+            d = vars(m)
+            for key in [k for k in d if not k.startswith("_") and k not in attrs]:
+                del d[key]
+            for key, value in attrs.items():
+                if d.get(key, _MISSING) is not value:
+                    d[key] = value
+
+
+_MISSING = object()
+
+
+@contextlib.contextmanager
+def probing(pl_module: nn.Module) -> Iterator[None]:
+    """Run the model on the probe as evaluation does, and leave training exactly as it was:
+    eval mode, no gradients, RNG states, module modes and public attributes restored.
+
+    Validation hooks run under ``torch.inference_mode``; it is lifted here so that nothing the
+    probe keeps becomes an inference tensor that training could not touch later.
+    """
+    with (
+        torch.inference_mode(False),
+        torch.no_grad(),
+        preserved_rng(),
+        modes_preserved(pl_module),
+        public_attributes_preserved(pl_module),
+    ):
+        pl_module.eval()
+        yield
+
+
+def predict_probe(trainer: Any, pl_module: Any, batch: Any, prediction_fn: PredictionFn) -> Tensor:
+    """The prediction on ``batch``, in the trainer's precision (autocast for mixed precision).
+    Call inside :func:`probing`."""
+    with trainer.precision_plugin.forward_context():
+        output = prediction_fn(pl_module, batch)
+    if not isinstance(output, Tensor):
+        raise TypeError(f"prediction_fn must return a tensor, got {type(output).__name__}")
+    return output.detach()
+
+
+# --------------------------------------------------------------------------- cross-rank sums
+class SummedCounts(Metric):
+    """A vector of counts summed over ranks on ``compute``.
+
+    torchmetrics' ``SumMetric`` reduces its input to a scalar and ``CatMetric`` grows with
+    every update; a histogram needs a fixed-size vector summed element-wise, which this is.
+    """
+
+    full_state_update = False
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.add_state("counts", default=torch.zeros(size), dist_reduce_fx="sum")
+
+    def update(self, counts: Tensor) -> None:
+        self.counts += counts.reshape(-1).to(self.counts.dtype)
+
+    def compute(self) -> Tensor:
+        return self.counts
+
+
+__all__ = [
+    "INPUT_KEYS",
+    "OUTPUT_KEYS",
+    "TARGET_KEYS",
+    "ProbeSchedule",
+    "ProbeSource",
+    "SummedCounts",
+    "copy_batch",
+    "default_inputs",
+    "default_prediction",
+    "default_target",
+    "fitting",
+    "predict_probe",
+    "prediction_in",
+    "probing",
+    "public_attributes_preserved",
+]

@@ -1,0 +1,476 @@
+r"""
+Prediction stability
+^^^^^^^^^^^^^^^^^^^^
+
+Predict one fixed batch on a schedule and watch how the answers move: a model that gives
+one answer to everything has collapsed, one whose answers keep flipping after its loss has
+flattened is unstable, one whose answers stopped changing while its loss is still high has
+stagnated.
+
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+from torchmetrics.aggregation import MeanMetric
+
+from flightcheck.callbacks._probe import (
+    PredictionFn,
+    ProbeSchedule,
+    ProbeSource,
+    SummedCounts,
+    TargetFn,
+    default_inputs,
+    default_prediction,
+    default_target,
+    fitting,
+    predict_probe,
+    probing,
+)
+from flightcheck.callbacks.base import FlightcheckCallback, OnFinding
+from flightcheck.checks.predictions import (
+    DEFAULT_PATIENCE,
+    ProbeReading,
+    is_collapsed,
+    is_still,
+    is_unstable,
+    prediction_collapse,
+    prediction_instability,
+    prediction_stagnation,
+)
+from flightcheck.signals.predictions import (
+    TASKS,
+    OutputSpec,
+    answer_agreement,
+    answer_changes,
+    answer_confidence,
+    class_histogram,
+    infer_output_kind,
+    minority_share,
+    normalized_entropy,
+    predicted_answers,
+    r_squared,
+    skill_score,
+    spread,
+    target_answers,
+    valid_positions,
+    variance,
+)
+
+#: Keys of ``trainer.callback_metrics`` read for the training loss when ``training_step``
+#: returns none (manual optimisation returning ``None``).
+LOSS_KEYS: tuple[str, ...] = ("train_loss", "loss", "train/loss", "train_loss_step")
+
+#: The initial loss is the mean of the first few steps' losses: one batch of a small-batch run
+#: is too noisy a reference, and a few steps have not yet moved the weights far.
+INITIAL_LOSS_STEPS = 5
+
+#: Readings kept for judging (a few windows' worth; the charts keep the full history).
+_HISTORY = 32
+
+_JUDGES = (
+    ("prediction_collapse", is_collapsed),
+    ("prediction_instability", is_unstable),
+    ("prediction_stagnation", is_still),
+)
+
+
+class PredictionStability(FlightcheckCallback):
+    r"""Watch the answers of a fixed probe batch: churn, diversity, confidence; collapse,
+    instability and stagnation.
+
+    On a schedule, and after every validation, the model predicts the probe batch in eval
+    mode without gradients. Nothing of training is touched: RNG states, module modes and
+    the module's public attributes are restored, no data loader is iterated, and weights
+    after training are bit-identical to a run without this callback. The figures are
+    reduced over ranks (torchmetrics states) so every rank reaches the same verdict, and
+    move to the host once per probe.
+
+    TensorBoard charts:
+
+    - ``flightcheck/predictions/churn``: the share of answers that changed since the last
+      probe (regression: the RMS change over the targets' spread). High early, near zero
+      once the model has settled.
+    - ``flightcheck/predictions/diversity``: the entropy of the answers over ``ln C``
+      (1: every class equally often, 0: one class for everything); regression: the spread
+      of predictions across inputs over the targets' spread.
+    - ``flightcheck/predictions/confidence``: the mean probability the model gives its own
+      answers (classification only).
+
+    Args:
+        probe_batch: the batch to predict, as your data loader yields it. Default: the first
+            validation batch (taken from Lightning's sanity check, without touching the
+            loader), else the first training batch.
+        every_n_steps: optimizer steps between probes. Default: the trainer's
+            ``log_every_n_steps``, so the probe's one host transfer falls on a step where
+            Lightning already syncs. The model is also probed before the first step and
+            after every validation.
+        prediction_fn: ``prediction_fn(pl_module, batch) -> Tensor``, the prediction to watch.
+            Default: ``pl_module(x)`` with ``x`` the batch's first element (tuple/list), its
+            ``"x"``/``"input"``/``"inputs"``/``"input_ids"``/``"image"``/... entry (dict) or
+            the batch itself (tensor); of a dict output its ``"logits"``/``"preds"``/``"y_hat"``
+            entry, else the first tensor of the output (first element of a tuple).
+        target_fn: ``target_fn(batch) -> Tensor | None``, the labels the answers are compared
+            with. Default: the batch's second element, or its ``"y"``/``"target"``/``"label"``/
+            ``"labels"``/``"mask"``/... entry. Without labels, collapse needs every answer to be
+            identical.
+        task: how to read the prediction: ``"auto"`` (from its shape and the labels; see
+            :func:`~flightcheck.signals.predictions.infer_output_kind`), ``"multiclass"``,
+            ``"multilabel"``, ``"binary"`` or ``"regression"``.
+        warmup_steps: no verdict before this global step (a fresh model often gives one answer
+            to everything). Default: two probe intervals.
+        patience: consecutive probes a condition must hold on before it is reported, and be
+            absent on before it counts as cleared.
+        on_finding: called with each new finding (global rank 0).
+
+    Example::
+
+        import lightning as L
+        from flightcheck.callbacks.prediction_stability import PredictionStability
+
+        trainer = L.Trainer(callbacks=[PredictionStability(every_n_steps=100)])
+        trainer.fit(model, datamodule=dm)
+
+    Under sharded strategies (FSDP, DeepSpeed stage 3) give a ``prediction_fn`` that runs the
+    forward pass the strategy expects: the default calls the LightningModule directly.
+    """
+
+    name = "prediction_stability"
+
+    def __init__(
+        self,
+        probe_batch: Any = None,
+        every_n_steps: int | None = None,
+        prediction_fn: PredictionFn | None = None,
+        target_fn: TargetFn | None = None,
+        task: str = "auto",
+        warmup_steps: int | None = None,
+        patience: int = DEFAULT_PATIENCE,
+        on_finding: OnFinding | None = None,
+    ) -> None:
+        super().__init__(on_finding=on_finding)
+        if prediction_fn is not None and not callable(prediction_fn):
+            raise TypeError(f"prediction_fn must be a callable (pl_module, batch) -> Tensor, got {type(prediction_fn).__name__}")
+        if target_fn is not None and not callable(target_fn):
+            raise TypeError(f"target_fn must be a callable (batch) -> Tensor | None, got {type(target_fn).__name__}")
+        if task not in TASKS:
+            raise ValueError(f"task must be one of {list(TASKS)}, got {task!r}")
+        if warmup_steps is not None and (not isinstance(warmup_steps, int) or warmup_steps < 0):
+            raise ValueError(f"warmup_steps must be None (two probe intervals) or an int >= 0, got {warmup_steps!r}")
+        if not isinstance(patience, int) or patience < 1:
+            raise ValueError(f"patience must be an int >= 1, got {patience!r}")
+        self._source = ProbeSource(probe_batch)
+        self._schedule = ProbeSchedule(every_n_steps)
+        self.prediction_fn: PredictionFn = prediction_fn or default_prediction
+        self.target_fn: TargetFn = target_fn or default_target
+        self.task = task
+        self.warmup_steps = warmup_steps
+        self.patience = patience
+        self.readings: list[ProbeReading] = []
+        self.initial_loss: float | None = None
+        self._fresh_probe()
+
+    def _fresh_probe(self) -> None:
+        """Forget everything tied to one probe batch (a new fit or a resumed run takes a new one)."""
+        self._spec: OutputSpec | None = None
+        self._labels: Tensor | None = None
+        self._valid: Tensor | None = None
+        self._first: Tensor | None = None
+        self._previous: Tensor | None = None
+        self._label_top_share: tuple[float, ...] | None = None
+        self._target_spread: float | None = None
+        self._target_variance: float | None = None
+        self._peak_spread = 0.0
+        self._metrics: dict[str, Any] = {}
+        self._loss_sum: Tensor | None = None
+        self._loss_steps = 0
+        self._initial_sum: Tensor | None = None
+        self._initial_steps = 0
+        self._pending: Tensor | None = None
+
+    # ------------------------------------------------------------------ hooks
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage == "fit":
+            self._source.reset()
+            self._schedule.reset()
+            self._fresh_probe()
+
+    def on_validation_batch_start(
+        self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        self._source.offer_validation(trainer, batch, batch_idx, dataloader_idx)
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        self._source.offer_training(trainer, batch)
+        if self._schedule.last_step is None:  # the untrained model's answers: the reference
+            self._probe(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        loss = _loss_of(outputs)
+        if loss is not None:
+            # kept on the device: no host sync on ordinary steps
+            loss = loss.detach().float().reshape(())
+            self._loss_sum = loss.clone() if self._loss_sum is None else self._loss_sum + loss
+            self._loss_steps += 1
+            if self.initial_loss is None and self._initial_steps < INITIAL_LOSS_STEPS:
+                self._initial_sum = loss.clone() if self._initial_sum is None else self._initial_sum + loss
+                self._initial_steps += 1
+        if self._schedule.due(trainer):
+            self._probe(trainer, pl_module)
+
+    def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
+        if fitting(trainer) and self._schedule.spaced(trainer):
+            self._probe(trainer, pl_module)
+
+    # ------------------------------------------------------------------ the probe
+    def _probe(self, trainer: Any, pl_module: Any) -> None:
+        batch = self._source.get(trainer, pl_module)
+        self._schedule.mark(trainer)
+        if batch is None:
+            return
+        with probing(pl_module):
+            output = predict_probe(trainer, pl_module, batch, self.prediction_fn)
+            figures = self._measure(trainer, output, batch)
+        values = _to_host(figures)
+        reading = self._reading(trainer, values)
+        if reading is None:
+            return
+        self.readings = (self.readings + [reading])[-_HISTORY:]
+        self._log(trainer, reading)
+        self._judge(trainer)
+
+    def _measure(self, trainer: Any, output: Tensor, batch: Any) -> dict[str, Tensor]:
+        """Every figure of this probe as device tensors, reduced over ranks."""
+        if self._spec is None:
+            target = self.target_fn(batch)
+            inputs = _inputs_or_none(batch)
+            self._spec = infer_output_kind(output, target, self.task, inputs)
+            answers = predicted_answers(output, self._spec)
+            self._labels = None if target is None else target_answers(target, self._spec, answers)
+            self._valid = valid_positions(self._labels, self._spec, answers)
+        spec = self._spec
+        answers = predicted_answers(output, spec)
+        if self._previous is not None and self._previous.shape != answers.shape:
+            raise ValueError(
+                f"the probe's prediction changed shape from {tuple(self._previous.shape)} to {tuple(answers.shape)}"
+            )
+        regression = spec.task == "regression"
+        weight = None if regression else self._valid
+        figures: dict[str, Tensor] = {}
+
+        def mean(name: str, value: Tensor | None, w: Tensor | None = None) -> None:
+            metric = self._metric(name, MeanMetric, output.device)
+            if value is None:  # an empty update keeps every rank's collectives in step
+                metric.update(torch.zeros(0, device=output.device))
+            else:
+                metric.update(value, w)
+            figures[name] = metric.compute()
+            metric.reset()
+
+        finite = torch.isfinite(output).all() if output.is_floating_point() else torch.ones((), dtype=torch.bool)
+        mean("finite", finite.float().to(output.device))  # 1.0 only when every rank's output is finite
+
+        mean("churn", None if self._previous is None else answer_changes(self._previous, answers, spec), weight)
+        mean("drift", None if self._first is None else answer_changes(self._first, answers, spec), weight)
+        labelled = self._labels is not None
+        mean("agreement", answer_agreement(answers, self._labels, spec) if labelled else None, weight if labelled else None)
+        if regression:
+            mean("spread", spread(answers))
+            if self._target_spread is None:
+                mean("target_spread", spread(self._labels) if labelled else None)
+                mean("target_variance", variance(self._labels) if labelled else None)
+        else:
+            conf = answer_confidence(output, spec)
+            mean("confidence", conf, self._valid if spec.task == "multiclass" and conf.numel() else None)
+            figures["histogram"] = self._counts("histogram", class_histogram(answers, spec, self._valid))
+            if self._label_top_share is None and self._labels is not None:
+                figures["label_histogram"] = self._counts("label_histogram", class_histogram(self._labels, spec))
+        interval = None if self._loss_sum is None else self._loss_sum / max(self._loss_steps, 1)
+        if interval is None:
+            interval = _logged_loss(trainer, output.device)
+        mean("loss", interval, None if interval is None else torch.tensor(float(max(self._loss_steps, 1)), device=output.device))
+        if self._initial_sum is not None and self.initial_loss is None:
+            mean("initial_loss", self._initial_sum / self._initial_steps)
+        self._loss_sum, self._loss_steps = None, 0
+        if self._first is None:
+            self._first = answers
+        self._pending = answers
+        return figures
+
+    def _metric(self, name: str, cls: type, device: torch.device) -> Any:
+        metric = self._metrics.get(name)
+        if metric is None:
+            # "disable": torchmetrics' NaN check would sync; non-finite outputs are caught apart
+            metric = self._metrics[name] = cls(nan_strategy="disable").to(device)
+        return metric
+
+    def _counts(self, name: str, histogram: Tensor) -> Tensor:
+        metric = self._metrics.get(name)
+        if metric is None or metric.counts.numel() != histogram.numel():
+            metric = self._metrics[name] = SummedCounts(histogram.numel()).to(histogram.device)
+        metric.update(histogram)
+        counts = metric.compute().reshape(histogram.shape)
+        metric.reset()
+        return counts
+
+    def _reading(self, trainer: Any, values: dict[str, Any]) -> ProbeReading | None:
+        spec = self._spec
+        assert spec is not None
+        answers = self._pending
+        self._pending = None
+        if values["finite"] != 1.0:
+            return None  # NaN/Inf outputs are NonFiniteGuard's; keep the last good answers
+        self._previous = answers
+        loss = _num(values["loss"])
+        if "initial_loss" in values:
+            self.initial_loss = _num(values["initial_loss"])
+        elif self.initial_loss is None and self._initial_sum is None and loss is not None:
+            self.initial_loss = loss  # only a logged loss: the first one seen
+        common = dict(
+            step=int(trainer.global_step),
+            task=spec.task,
+            churn=_num(values["churn"]),
+            drift=_num(values["drift"]),
+            loss=loss,
+        )
+        if spec.task == "regression":
+            if "target_spread" in values:
+                self._target_spread = _num(values["target_spread"]) or None
+                self._target_variance = _num(values["target_variance"])
+            mse = _num(values["agreement"])
+            skill = None if mse is None or not self._target_variance else r_squared(mse, self._target_variance)
+            pred_spread = _num(values["spread"]) or 0.0
+            self._peak_spread = max(self._peak_spread, pred_spread)
+            reference = self._target_spread or self._peak_spread or None
+            scale = reference or 1.0
+            return ProbeReading(
+                **{**common, "churn": _sqrt_over(common["churn"], scale), "drift": _sqrt_over(common["drift"], scale)},
+                answers=int(answers.shape[0]),
+                diversity=None if reference is None else pred_spread / reference,
+                skill=skill,
+                spread=pred_spread,
+                reference_spread=reference,
+                reference="targets" if self._target_spread else "peak",
+            )
+        histogram = torch.tensor(values["histogram"])
+        if "label_histogram" in values:
+            self._label_top_share = tuple((1 - minority_share(torch.tensor(values["label_histogram"]))).tolist())
+        top = (1 - minority_share(histogram)).tolist()
+        accuracy = _num(values["agreement"])
+        skill = None
+        if accuracy is not None and self._label_top_share:
+            skill = skill_score(accuracy, sum(self._label_top_share) / len(self._label_top_share))
+        return ProbeReading(
+            **common,
+            skill=skill,
+            answers=int(histogram[0].sum()),
+            diversity=float(normalized_entropy(histogram).mean()),
+            confidence=_num(values.get("confidence")),
+            top_share=tuple(top),
+            label_top_share=self._label_top_share,
+            top_answer=int(histogram[0].argmax()) if spec.task == "multiclass" else None,
+        )
+
+    def _log(self, trainer: Any, r: ProbeReading) -> None:
+        scalars = {
+            "flightcheck/predictions/churn": r.churn,
+            "flightcheck/predictions/diversity": r.diversity,
+            "flightcheck/predictions/confidence": r.confidence,
+        }
+        self.hub(trainer).log_scalars({k: v for k, v in scalars.items() if v is not None}, step=r.step)
+
+    def _judge(self, trainer: Any) -> None:
+        warmup = self.warmup_steps if self.warmup_steps is not None else 2 * self._schedule.interval(trainer)
+        verdicts = {
+            "prediction_collapse": prediction_collapse(self.readings, warmup_steps=warmup, patience=self.patience),
+            "prediction_instability": prediction_instability(self.readings, warmup_steps=warmup, patience=self.patience),
+            "prediction_stagnation": prediction_stagnation(
+                self.readings, initial_loss=self.initial_loss, warmup_steps=warmup, patience=self.patience
+            ),
+        }
+        recent = [r for r in self.readings if r.churn is not None][-self.patience :]
+        for check, holds in _JUDGES:
+            verdict = verdicts[check]
+            if verdict is not None:
+                self.report_verdict(trainer, verdict)
+            elif len(recent) == self.patience and not any(holds(r) for r in recent):
+                self.resolve(check, "probe")
+
+    # ------------------------------------------------------------------ checkpoints
+    def extra_state(self) -> dict[str, Any]:
+        return {"initial_loss": self.initial_loss, "readings": [vars(r).copy() for r in self.readings]}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.initial_loss = state.get("initial_loss")
+        readings = []
+        for d in state.get("readings", []):
+            d = dict(d)
+            for key in ("top_share", "label_top_share"):
+                if d.get(key) is not None:
+                    d[key] = tuple(d[key])
+            readings.append(ProbeReading(**d))
+        self.readings = readings
+
+
+# ---------------------------------------------------------------------- helpers
+def _loss_of(outputs: Any) -> Tensor | None:
+    if isinstance(outputs, Tensor):
+        return outputs if outputs.numel() == 1 else None
+    if isinstance(outputs, Mapping):
+        loss = outputs.get("loss")
+        return loss if isinstance(loss, Tensor) and loss.numel() == 1 else None
+    return None
+
+
+def _logged_loss(trainer: Any, device: torch.device) -> Tensor | None:
+    metrics = getattr(trainer, "callback_metrics", {}) or {}
+    for key in LOSS_KEYS:
+        value = metrics.get(key)
+        if isinstance(value, Tensor) and value.numel() == 1:
+            return value.detach().float().reshape(()).to(device)
+    return None
+
+
+def _inputs_or_none(batch: Any) -> Tensor | None:
+    try:
+        x = default_inputs(batch)
+    except TypeError:
+        return None
+    return x if isinstance(x, Tensor) else None
+
+
+def _to_host(figures: dict[str, Tensor]) -> dict[str, Any]:
+    """One host transfer for every figure of a probe."""
+    names = list(figures)
+    flat = torch.cat([figures[n].detach().float().reshape(-1) for n in names]).tolist()
+    out: dict[str, Any] = {}
+    i = 0
+    for n in names:
+        size = figures[n].numel()
+        chunk = flat[i : i + size]
+        i += size
+        out[n] = chunk[0] if figures[n].dim() == 0 else _shaped(chunk, figures[n].shape)
+    return out
+
+
+def _shaped(flat: list[float], shape: torch.Size) -> list[Any]:
+    return torch.tensor(flat).reshape(shape).tolist()
+
+
+def _num(x: Any) -> float | None:
+    if x is None:
+        return None
+    x = float(x)
+    return x if x == x and abs(x) != float("inf") else None
+
+
+def _sqrt_over(mean_square: float | None, scale: float) -> float | None:
+    return None if mean_square is None else (max(mean_square, 0.0) ** 0.5) / scale
+
+
+__all__ = ["PredictionStability"]
