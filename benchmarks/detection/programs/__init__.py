@@ -14,18 +14,20 @@ accumulation, clipping); the harness adds the rest. A program declares:
   only shows during training (a NaN at some step, a schedule, overfitting);
 - ``summary``: one line for the README.
 
-Programs are grouped in modules by family; :func:`all_programs` imports them all.
+Programs are grouped in modules by family (one file each); :func:`all_programs` imports them all.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib
+import pkgutil
 from collections.abc import Callable, Iterable
 from typing import Any
 
 KINDS = ("bug", "healthy")
 PHASES = ("preflight", "inflight")
+#: display order of the families; other modules of this package follow, alphabetically
 FAMILIES = ("healthy", "loss_bugs", "optim_bugs", "data_bugs", "numeric_bugs", "model_bugs")
 
 Build = Callable[[int], tuple[Any, Any, dict[str, Any]]]
@@ -77,9 +79,17 @@ def program(
     return register
 
 
+def _family_order(family: str) -> tuple[int, str]:
+    return (FAMILIES.index(family), "") if family in FAMILIES else (len(FAMILIES), family)
+
+
 def all_programs() -> dict[str, Program]:
-    """Every registered program by name, healthy ones first, each family in file order."""
-    for family in FAMILIES:
-        importlib.import_module(f"{__name__}.{family}")
-    ordered = sorted(_REGISTRY.values(), key=lambda p: (p.kind != "healthy", FAMILIES.index(p.family)))
+    """Every registered program by name, healthy ones first, each family in file order.
+
+    Every module of this package except ``common`` is a family; a new file is picked up as is.
+    """
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: _family_order(m.name)):
+        if info.name != "common":
+            importlib.import_module(f"{__name__}.{info.name}")
+    ordered = sorted(_REGISTRY.values(), key=lambda p: (p.kind != "healthy", _family_order(p.family)))
     return {p.name: p for p in ordered}

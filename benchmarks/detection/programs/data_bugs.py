@@ -10,7 +10,7 @@ from . import program
 
 @program(
     "unnormalised_images", kind="bug",
-    expected={"input_scale", "init_loss", "grad_explosion", "loss_spike", "loss_oscillation"},
+    expected={"input_scale", "init_loss", "grad_explosion", "loss_spike", "loss_oscillation", "prediction_instability"},
     summary="Pixel values 0-255 go straight into a CNN without BatchNorm (ToTensor/normalise forgotten): huge initial logits, erratic training.",
 )
 def unnormalised_images(seed):
@@ -21,7 +21,7 @@ def unnormalised_images(seed):
 
 @program(
     "features_scales_1e4_apart", kind="bug",
-    expected={"input_scale", "init_loss", "grad_explosion", "loss_spike", "loss_oscillation"},
+    expected={"input_scale", "init_loss", "grad_explosion", "loss_spike", "loss_oscillation", "prediction_instability"},
     summary="Tabular features left in raw units, scales from 1e-2 to 1e4 (standardisation forgotten): large features swamp the rest.",
 )
 def features_scales_1e4_apart(seed):
@@ -89,7 +89,7 @@ def overfitting_tiny_train_set(seed):
 
 @program(
     "inputs_zeroed_by_cast", kind="bug",
-    expected={"input_dependence", "input_scale", "loss_plateau", "underfitting", "prediction_collapse"},
+    expected={"input_dependence", "input_scale", "loss_plateau", "underfitting", "prediction_collapse", "prediction_stagnation"},
     summary="A transform casts [0,1) pixel floats to an integer type and back: every input is all zeros, the model can only learn the prior.",
 )
 def inputs_zeroed_by_cast(seed):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from . import common as C
 from . import program
@@ -84,10 +85,19 @@ def transformer_warmup(seed):
     return model, C.loaders(train, val, seed=seed), C.steps(300)
 
 
-@program("regression_mlp", kind="healthy", summary="Nonlinear regression with noise, SiLU MLP, MSE, Adam 2e-3.")
+class DictStepRegressor(C.Regressor):
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        pred = self(x)
+        loss = self.loss(pred, y)
+        self.log("train_loss", loss)
+        return {"loss": loss, "pred": pred.detach()}
+
+
+@program("regression_mlp", kind="healthy", summary="Nonlinear regression with noise, SiLU MLP, MSE, Adam 2e-3; training_step returns a dict.")
 def regression_mlp(seed):
     train, val = C.regression_split(seed)
-    model = C.Regressor(C.mlp([8, 64, 64, 1], act=nn.SiLU), lr=2e-3)
+    model = DictStepRegressor(C.mlp([8, 64, 64, 1], act=nn.SiLU), lr=2e-3)
     return model, C.loaders(train, val, seed=seed), C.steps(300)
 
 
@@ -205,3 +215,27 @@ def embedding_bag_layernorm(seed):
     train, val = C.token_split(seed)
     model = C.Classifier(TokenMLP(), lr=1e-2)
     return model, C.loaders(train, val, seed=seed), C.steps(250)
+
+
+class WeightedLoss(C.Classifier):
+    def __init__(self, net, class_weights: torch.Tensor, **kw):
+        super().__init__(net, **kw)
+        self.register_buffer("class_weights", class_weights)
+
+    def loss(self, out, y):
+        return F.cross_entropy(out, y, weight=self.class_weights)
+
+
+@program("imbalanced_weighted_loss", kind="healthy", summary="3 classes at 80/15/5%, handled with inverse-frequency class weights in the cross-entropy, Adam 1e-3.")
+def imbalanced_weighted_loss(seed):
+    g = C.gen(seed, 8)
+    centers = torch.randn(3, 16, generator=g) * 3.0 / (2 * 16) ** 0.5
+
+    def draw(n):
+        y = torch.multinomial(torch.tensor([0.80, 0.15, 0.05]), n, replacement=True, generator=g)
+        return centers[y] + torch.randn(n, 16, generator=g), y
+
+    (x, y), val = draw(2048), draw(512)
+    weights = len(y) / (3 * torch.bincount(y, minlength=3).float())
+    model = WeightedLoss(C.mlp([16, 64, 64, 3]), weights, lr=1e-3)
+    return model, C.loaders((x, y), val, seed=seed), C.steps(300)

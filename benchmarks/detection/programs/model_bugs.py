@@ -82,7 +82,8 @@ def _init_(net: nn.Module, weight=None, bias=None) -> nn.Module:
 
 @program(
     "dead_relus_negative_bias", kind="bug",
-    expected={"dead_units", "gradient_flow", "grad_vanishing", "loss_plateau", "underfitting", "weight_init"},
+    expected={"dead_units", "gradient_flow", "grad_vanishing", "loss_plateau", "underfitting", "weight_init",
+              "prediction_collapse", "prediction_stagnation"},
     summary="Hidden biases initialised to -2 (a 'sparsity' trick gone wrong): nearly every ReLU is off for every input, little gradient gets through.",
 )
 def dead_relus_negative_bias(seed):
@@ -118,7 +119,8 @@ def huge_init(seed):
 
 @program(
     "zero_init", kind="bug",
-    expected={"weight_init", "gradient_flow", "grad_vanishing", "dead_units", "loss_plateau", "underfitting"},
+    expected={"weight_init", "gradient_flow", "grad_vanishing", "dead_units", "loss_plateau", "underfitting",
+              "prediction_collapse", "prediction_stagnation"},
     summary="Every weight and bias initialised to 0: hidden ReLUs output 0, no gradient reaches the hidden layers, only the output bias learns.",
 )
 def zero_init(seed):
@@ -174,7 +176,8 @@ def exploding_deep_plain_net(seed):
 
 @program(
     "vanishing_deep_sigmoid_net", kind="bug",
-    expected={"grad_vanishing", "gradient_flow", "saturation", "loss_plateau", "underfitting"},
+    expected={"grad_vanishing", "gradient_flow", "saturation", "loss_plateau", "underfitting",
+              "prediction_collapse", "prediction_stagnation"},
     summary="12-layer sigmoid MLP with default init: each layer shrinks the gradient ~4-10x, the first layers get ~1e-8 and the loss sits at ln 4.",
 )
 def vanishing_deep_sigmoid_net(seed):

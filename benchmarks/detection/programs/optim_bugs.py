@@ -13,8 +13,9 @@ from .healthy import ManualClassifier
 @program(
     "lr_far_too_high_sgd", kind="bug", phase="inflight",
     expected={"loss_divergence", "grad_explosion", "nonfinite", "weight_growth", "update_ratio",
-              "loss_oscillation", "loss_spike", "grad_spike", "dead_units", "underfitting", "loss_plateau"},
-    summary="SGD momentum 0.9 at lr 3.0 (the healthy value is ~0.05): the first steps blow up, the ReLUs die and the loss sits near chance.",
+              "loss_oscillation", "loss_spike", "grad_spike", "dead_units", "underfitting", "loss_plateau",
+              "prediction_collapse"},
+    summary="SGD momentum 0.9 at lr 3.0 (the healthy value is ~0.05): the first steps blow up, the ReLUs die, every input gets the same answer.",
 )
 def lr_far_too_high_sgd(seed):
     train, val = C.nonlinear_split(seed)
@@ -124,8 +125,8 @@ class NoZeroGrad(ManualClassifier):
 @program(
     "missing_zero_grad_manual", kind="bug", phase="inflight",
     expected={"grad_explosion", "weight_growth", "loss_divergence", "loss_oscillation", "update_ratio", "grad_spike",
-              "loss_spike", "nonfinite"},
-    summary="Manual optimisation without optimizer.zero_grad(): the gradient is the sum of all past gradients, SGD overshoots more each step.",
+              "loss_spike", "nonfinite", "prediction_collapse"},
+    summary="Manual optimisation without optimizer.zero_grad(): the gradient is the sum of all past gradients, SGD overshoots more each step and ends answering one class.",
 )
 def missing_zero_grad_manual(seed):
     train, val = C.cluster_split(seed)
@@ -135,7 +136,7 @@ def missing_zero_grad_manual(seed):
 
 @program(
     "weight_decay_far_too_high", kind="bug", phase="inflight",
-    expected={"underfitting", "loss_plateau", "prediction_collapse", "update_ratio", "grad_vanishing"},
+    expected={"underfitting", "loss_plateau", "prediction_collapse", "prediction_stagnation", "update_ratio", "grad_vanishing"},
     summary="SGD with weight_decay=0.5 (typical 1e-4..5e-4): the decay overwhelms the data term, weights shrink and the model underfits.",
 )
 def weight_decay_far_too_high(seed):
