@@ -14,12 +14,13 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins import MixedPrecision
 from torch import nn
 from torch.nn import functional as F
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 from flightcheck.callbacks.base import logging_due
 from flightcheck.callbacks.nonfinite_guard import NonFiniteGuard
 from flightcheck.checks.nonfinite import (
     ModuleCall,
+    first_nonfinite_rows,
     NonFiniteEvent,
     Origin,
     locate_origin,
@@ -395,6 +396,15 @@ def test_locate_origin_reads_the_first_bad_output_in_completion_order():
     assert locate_origin([call("a")], loss_finite=False).kind == "loss"
     assert locate_origin([call("a"), call("b")], grad_bad_parameters=["a.weight", "b.weight"],
                          forward_order=["a", "b"]).module == "b"
+
+
+def test_first_nonfinite_rows_finds_the_first_bad_step_of_each_quantity():
+    nan, inf = float("nan"), float("inf")
+    rows = torch.tensor([[1.0, 2.0, 3.0, 4.0], [nan, 2.0, inf, 4.0], [nan, -inf, 1.0, 4.0]])
+    has, first, value = first_nonfinite_rows(rows)
+    assert has.tolist() == [1.0, 1.0, 1.0, 0.0]
+    assert first[:3].tolist() == [1.0, 2.0, 1.0]
+    assert math.isnan(value[0]) and value[1] == -inf and value[2] == inf
 
 
 def test_verdict_names_every_quantity_and_the_action():

@@ -76,7 +76,7 @@ from flightcheck.checks.nonfinite import (
     count_nonfinite,
     locate_origin,
     loss_scale_verdict,
-    mark_first_nonfinite,
+    first_nonfinite_rows,
     nonfinite_verdict,
 )
 from flightcheck.errors import NonFiniteError
@@ -87,14 +87,13 @@ from flightcheck.utils import modes_preserved, preserved_rng, tensors_in
 ACTIONS = ("warn", "skip", "stop", "raise")
 _SYNCED_ACTIONS = ("skip", "stop", "raise")
 
+# Rows kept on the device between two looks (one per batch); more are folded on the device.
+_MAX_ROWS = 256
+# Folded blocks waiting for a look; reached only when no logging step comes, then look anyway.
+_MAX_FOLDED = 32
+
 # Each reproducer holds a full copy of the weights: keep the first few episodes only.
 _MAX_REPRODUCERS = 5
-
-# A model whose set of parameters with gradients changes from step to step (conditional
-# computation, mixture of experts) would otherwise grow one record per set; past this many
-# sets, gradients are tracked as one total.
-_MAX_PARAMETER_SETS = 16
-
 
 class NonFiniteGuard(FlightcheckCallback):
     r"""Catch NaN/Inf during training, find where it was made, keep what reproduces it, and act.
@@ -149,7 +148,6 @@ class NonFiniteGuard(FlightcheckCallback):
         self.replay = replay
         self.save_reproducer = save_reproducer
         self._synced = action in _SYNCED_ACTIONS
-        self._first = _FirstNonFinite()
         self._scale = _LossScaleWatch()
         self._reset_run_state()
         self.skipped_steps = 0
@@ -157,12 +155,15 @@ class NonFiniteGuard(FlightcheckCallback):
         self._active_targets: set[str] = set()
 
     def _reset_run_state(self) -> None:
+        self._records = _Records()
         self._param_names: dict[int, str] = {}
         self._window: list[tuple[Any, int]] = []
         self._window_open = False
         self._batch_step = 0
         self._batch_idx = -1
-        self._loss_seen = False
+        self._data: tuple[tuple[str, ...], Tensor] | None = None
+        self._losses: list[Tensor] = []
+        self._flushed = False
         self._last_logged: dict[str, Tensor] = {}
         self._pending_loss_bad: Tensor | None = None
         self._checkpoint_due: str | None = None
@@ -172,9 +173,10 @@ class NonFiniteGuard(FlightcheckCallback):
     # ------------------------------------------------------------------ hooks
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         self._reset_run_state()
-        self._first = _FirstNonFinite()
         self._scale = _LossScaleWatch()
         self._param_names = {id(p): n for n, p in pl_module.named_parameters()}
+        every = max(1, int(getattr(trainer, "log_every_n_steps", 50) or 50))
+        self._records.capacity = min(_MAX_ROWS, every * int(getattr(trainer, "accumulate_grad_batches", 1) or 1) + 2)
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         if not self._window_open or not self._synced or not pl_module.automatic_optimization:
@@ -186,45 +188,51 @@ class NonFiniteGuard(FlightcheckCallback):
         self._batch_step = int(trainer.global_step)
         self._batch_idx = int(batch_idx)
         self._batches_since_look += 1
-        self._loss_seen = False
+        self._losses, self._flushed = [], False
         # One fused read of the batch's float tensors: a late look can still tell that the
         # non-finite value came in with the data, after the batch itself is gone.
         floats = [(path, t) for path, t in tensors_in(batch) if t.is_floating_point() and t.numel() > 0]
+        self._data = None
         if floats:
-            paths = tuple(path for path, _ in floats)
-            self._first.update(("data", paths), "data", paths, foreach_norms([t.detach() for _, t in floats]),
-                               self._batch_step, self._batch_idx)
+            self._data = (tuple(path for path, _ in floats), foreach_norms([t.detach() for _, t in floats]))
 
     def on_before_backward(self, trainer: Any, pl_module: Any, loss: Tensor) -> None:
-        value = _scalar_values([loss])
-        if value is None:
+        if not isinstance(loss, Tensor) or loss.numel() == 0:
             return
-        self._loss_seen = True
-        self._first.update(("loss",), "loss", ("loss",), value, self._batch_step, self._batch_idx)
+        value = _as_scalar(loss)
+        self._losses.append(value)
         if self._synced:
-            bad = ~torch.isfinite(value).all()
+            bad = ~torch.isfinite(value)
             self._pending_loss_bad = bad if self._pending_loss_bad is None else self._pending_loss_bad | bad
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
         params, norms = step_grad_norms(trainer, optimizer)
         if params:
-            self._record_gradients(params, norms)
-        self._record_metrics(trainer)
+            names = self._param_names
+            self._records.write(
+                ("gradient", id(optimizer)),
+                tuple(map(id, params)),
+                lambda: [("gradient", names.get(id(p), "?")) for p in params],
+                [norms],
+                (self._batch_step, self._batch_idx),
+            )
         scaler = _loss_scaler(trainer)
         if scaler is not None and norms.numel():
             self._scale.record_step(~torch.isfinite(norms).all())
         self._window_open = False
         if self._synced:
             self._decide(trainer, pl_module, optimizer, params, norms, scaler)
-        elif logging_due(trainer):
+        elif logging_due(trainer) or self._records.look_due:
             self._look(trainer, pl_module, pre_step=True, acting=False)
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if not self._loss_seen:
-            value = _scalar_values([_loss_of(outputs)])
-            if value is not None:
-                self._first.update(("loss",), "loss", ("loss",), value, self._batch_step, self._batch_idx)
-        self._record_metrics(trainer)
+        if not self._losses and not self._flushed:
+            loss = _loss_of(outputs)
+            if loss is not None and loss.numel():
+                self._losses.append(_as_scalar(loss))
+        self._flush_batch(trainer)
+        if not self._synced or not self._window_open:
+            self._window = []  # the batch is not needed after its update: let it be freed
         scaler = _loss_scaler(trainer)
         if scaler is not None:
             self._scale.record_scale(scaler)
@@ -242,31 +250,26 @@ class NonFiniteGuard(FlightcheckCallback):
         self._window = []
 
     # ------------------------------------------------------------------ gathering
-    def _record_gradients(self, params: Sequence[Tensor], norms: Tensor) -> None:
-        key: Hashable = ("gradient", tuple(map(id, params)))
-        if key not in self._first.groups and self._first.count("gradient") >= _MAX_PARAMETER_SETS:
-            self._first.update(("gradient", "total"), "gradient", ("(all parameters)",), norms.sum().reshape(1),
-                               self._batch_step, self._batch_idx)
-            return
-        names = self._param_names
-        self._first.update(key, "gradient", lambda: tuple(names.get(id(p), "?") for p in params), norms,
-                           self._batch_step, self._batch_idx)
-
-    def _record_metrics(self, trainer: Any) -> None:
-        # Only values logged since the last record: Lightning keeps a metric's last value
-        # until it is logged again, and each ``self.log`` stores a new tensor.
-        logged = {
-            name: value
-            for name, value in _logged_training_values(trainer).items()
-            if self._last_logged.get(name) is not value
-        }
-        if not logged:
+    def _flush_batch(self, trainer: Any) -> None:
+        """Write this batch's data norms, losses and logged values as one row (one ``cat``)."""
+        logged = _logged_training_values(trainer)
+        # Lightning keeps a metric's last value until it is logged again; each ``self.log``
+        # stores a new tensor, so identity tells a fresh value from a repeated one.
+        stale = tuple(self._last_logged.get(name) is value for name, value in logged.items())
+        if self._flushed and all(stale) and not self._losses:
             return
         self._last_logged.update(logged)
-        names = tuple(logged)
-        values = _scalar_values(list(logged.values()))
-        if values is not None:
-            self._first.update(("metric", names), "metric", names, values, self._batch_step, self._batch_idx)
+        data = self._data if not self._flushed else None
+        pieces = ([data[1]] if data else []) + self._losses + [_as_scalar(v) for v in logged.values()]
+        if pieces:
+            layout = (data[0] if data else (), len(self._losses), tuple(logged))
+
+            def columns() -> list[tuple[str, str]]:
+                return ([("data", p) for p in layout[0]] + [("loss", "loss")] * layout[1]
+                        + [("metric", n) for n in layout[2]])
+
+            self._records.write("batch", layout, columns, pieces, (self._batch_step, self._batch_idx), stale)
+        self._losses, self._flushed = [], True
 
     # ------------------------------------------------------------------ deciding (skip / stop / raise)
     def _decide(self, trainer: Any, pl_module: Any, optimizer: Any, params: Sequence[Tensor], norms: Tensor,
@@ -319,13 +322,19 @@ class NonFiniteGuard(FlightcheckCallback):
         covered, self._batches_since_look = self._batches_since_look, 0
         named = dict(pl_module.named_parameters())
         weight_norms = foreach_norms([p.detach() for p in named.values()]) if named else None
-        parts = self._first.tensors() + self._scale.tensors() + ([weight_norms] if weight_norms is not None else [])
+        if pre_step:
+            self._flush_batch(trainer)  # this batch's loss and logged values, before its update
+        folded = self._records.collect()
+        parts = [f.stats for f in folded] + self._scale.tensors()
+        parts += [weight_norms] if weight_norms is not None else []
         host = _to_host(parts)
-        events, host = self._first.events(host)
+        events = []
+        for f in folded:
+            found, host = f.events(host)
+            events += found
         data_events = [e for e in events if e.kind == "data"]  # evidence only, never news on its own
         events = [e for e in events if e.kind != "data"]
         scale_figures, host = self._scale.figures(host)
-        self._first.reset()
         self._scale.reset()
         bad_weights = _nonfinite_parameters(named, host) if weight_norms is not None else []
 
@@ -512,65 +521,113 @@ class NonFiniteGuard(FlightcheckCallback):
 
 
 # ---------------------------------------------------------------------- device-side records
-@dataclasses.dataclass
-class _Group:
-    kind: str
-    names: Sequence[str] | Callable[[], Sequence[str]]
-    steps: Tensor
-    batches: Tensor
-    values: Tensor
+class _Folded:
+    """One ring's rows reduced on the device to, per column, whether and where it first went
+    non-finite and the value it had; with the host-side labels to read it back."""
 
-    def resolved_names(self) -> Sequence[str]:
-        if callable(self.names):
-            self.names = tuple(self.names())
-        return self.names
-
-
-class _FirstNonFinite:
-    """For groups of named quantities, the step, batch and value at which each first went
-    non-finite, kept on the device and read with the guard's one transfer."""
-
-    def __init__(self) -> None:
-        self.groups: dict[Hashable, _Group] = {}
-
-    def count(self, kind: str) -> int:
-        return sum(1 for g in self.groups.values() if g.kind == kind)
-
-    def update(self, key: Hashable, kind: str, names: Sequence[str] | Callable[[], Sequence[str]], values: Tensor,
-               step: int, batch_idx: int) -> None:
-        values = values.reshape(-1)
-        group = self.groups.get(key)
-        if group is None:
-            n, device = values.numel(), values.device
-            group = _Group(
-                kind,
-                names,
-                torch.full((n,), -1, dtype=torch.int64, device=device),
-                torch.full((n,), -1, dtype=torch.int64, device=device),
-                torch.zeros(n, dtype=torch.float32, device=device),
-            )
-            self.groups[key] = group
-        group.steps, group.batches, group.values = mark_first_nonfinite(
-            values, group.steps, group.batches, group.values, step, batch_idx
-        )
-
-    def tensors(self) -> list[Tensor]:
-        return [t for g in self.groups.values() for t in (g.steps, g.batches, g.values)]
+    def __init__(self, columns: Callable[[], list[tuple[str, str]]], stats: Tensor,
+                 rows: list[tuple[int, int]], stale: list[tuple[bool, ...] | None]) -> None:
+        self._columns = columns
+        self.stats = stats
+        self._rows = rows
+        self._stale = stale
 
     def events(self, host: list[float]) -> tuple[list[NonFiniteEvent], list[float]]:
+        width = self.stats.shape[-1]
+        has, first, value, host = host[:width], host[width:2 * width], host[2 * width:3 * width], host[3 * width:]
+        columns = self._columns()
+        metric_at = {i: j for j, i in enumerate(i for i, (kind, _) in enumerate(columns) if kind == "metric")}
         events = []
-        for group in self.groups.values():
-            n = group.steps.numel()
-            steps, batches, values, host = host[:n], host[n:2 * n], host[2 * n:3 * n], host[3 * n:]
-            names = group.resolved_names()
-            for name, step, batch, value in zip(names, steps, batches, values):
-                if step >= 0:
-                    events.append(NonFiniteEvent(group.kind, name, int(step), int(batch), float(value)))
+        for i, (kind, name) in enumerate(columns):
+            if has[i] < 0.5:
+                continue
+            row = int(first[i])
+            stale = self._stale[row]
+            if kind == "metric" and stale is not None and stale[metric_at[i]]:
+                continue  # a value repeated from an earlier, already counted batch
+            step, batch = self._rows[row]
+            events.append(NonFiniteEvent(kind, name, step, batch, value[i]))
         return events, host
 
-    def reset(self) -> None:
-        for group in self.groups.values():
-            group.steps.fill_(-1)
+
+class _Ring:
+    """Rows of per-batch (or per-step) values of one layout, on the device until folded."""
+
+    def __init__(self, layout: Hashable, columns: Callable[[], list[tuple[str, str]]], width: int, device: Any,
+                 capacity: int) -> None:
+        self.layout = layout
+        self.columns = _cached(columns)
+        self.values = torch.empty((capacity, width), dtype=torch.float32, device=device)
+        self.rows: list[tuple[int, int]] = []
+        self.stale: list[tuple[bool, ...] | None] = []
+
+    def write(self, pieces: Sequence[Tensor], row: tuple[int, int], stale: tuple[bool, ...] | None) -> None:
+        out = self.values[len(self.rows)]
+        if len(pieces) == 1 and pieces[0].shape == out.shape:
+            out.copy_(pieces[0])
+        else:
+            torch.cat([p.reshape(-1) for p in pieces], out=out)
+        self.rows.append(row)
+        self.stale.append(stale)
+
+    def fold(self) -> _Folded | None:
+        if not self.rows:
+            return None
+        stats = first_nonfinite_rows(self.values[: len(self.rows)])
+        folded = _Folded(self.columns, stats, self.rows, self.stale)
+        self.rows, self.stale = [], []
+        return folded
+
+
+class _Records:
+    """Per stream (the batch's values, each optimizer's gradients) a ring of rows written
+    with one device copy per batch; folded on the device when full, when the layout
+    changes, and at each look, where everything is read back in one transfer."""
+
+    def __init__(self) -> None:
+        self.capacity = 64
+        self._rings: dict[Hashable, _Ring] = {}
+        self._folded: list[_Folded] = []
+
+    @property
+    def look_due(self) -> bool:
+        # folds pile up only when nothing looks (no logging steps): look once in a while
+        return len(self._folded) >= _MAX_FOLDED
+
+    def write(self, stream: Hashable, layout: Hashable, columns: Callable[[], list[tuple[str, str]]],
+              pieces: Sequence[Tensor], row: tuple[int, int], stale: tuple[bool, ...] | None = None) -> None:
+        ring = self._rings.get(stream)
+        width = sum(p.numel() for p in pieces)
+        if ring is None or ring.layout != (layout, width) or len(ring.rows) >= ring.values.shape[0]:
+            if ring is not None:
+                self._fold(ring)
+            if ring is None or ring.layout != (layout, width):
+                ring = _Ring((layout, width), columns, width, pieces[0].device, self.capacity)
+                self._rings[stream] = ring
+        device = ring.values.device
+        ring.write([p if p.device == device else p.to(device) for p in pieces], row, stale)
+
+    def _fold(self, ring: _Ring) -> None:
+        folded = ring.fold()
+        if folded is not None:
+            self._folded.append(folded)
+
+    def collect(self) -> list[_Folded]:
+        for ring in self._rings.values():
+            self._fold(ring)
+        folded, self._folded = self._folded, []
+        return folded
+
+
+def _cached(fn: Callable[[], list[tuple[str, str]]]) -> Callable[[], list[tuple[str, str]]]:
+    memo: list[list[tuple[str, str]]] = []
+
+    def cached() -> list[tuple[str, str]]:
+        if not memo:
+            memo.append(fn())
+        return memo[0]
+
+    return cached
 
 
 class _LossScaleWatch:
@@ -680,15 +737,10 @@ def _logged_training_values(trainer: Any) -> dict[str, Tensor]:
     return logged
 
 
-def _scalar_values(tensors: Sequence[Any]) -> Tensor | None:
-    """One float32 vector with one number per tensor (the value, or the sum for larger ones)."""
-    present = [t.detach() for t in tensors if isinstance(t, Tensor) and t.numel() > 0]
-    if not present:
-        return None
-    device = present[0].device
-    values = [t.reshape(()) if t.numel() == 1 else t.float().sum() for t in present]
-    return torch.stack([v if v.device == device else v.to(device) for v in
-                        (v if v.dtype == torch.float32 else v.float() for v in values)])
+def _as_scalar(t: Tensor) -> Tensor:
+    """A one-element float view of a logged value or loss (its sum when it has more)."""
+    t = t.detach()
+    return (t if t.numel() == 1 else t.float().sum()).reshape(1)
 
 
 def _finite_metrics(trainer: Any, events: Sequence[NonFiniteEvent]) -> list[str]:

@@ -43,10 +43,6 @@ DEFAULT_MIN_LOSS_SCALE = 1.0
 #: an exponential (exp, softmax without max subtraction, softplus, cosh).
 EXP_OVERFLOW_INPUT = {torch.float16: math.log(65504.0), torch.bfloat16: 88.7, torch.float32: 88.7}
 
-#: Largest finite float16 value; an fp16 output that turned inf from finite inputs
-#: overflowed the format rather than the maths.
-FP16_MAX = 65504.0
-
 # What each origin is, in the user's words; used in messages and in ``data["origin"]``.
 ORIGINS = (
     "data",  # the batch held NaN/Inf
@@ -120,21 +116,16 @@ class Origin:
 
 
 # --------------------------------------------------------------------------- device side
-def mark_first_nonfinite(
-    values: Tensor, first_step: Tensor, first_batch: Tensor, first_value: Tensor, step: int, batch_idx: int
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Record, element-wise, the step, batch and value at which ``values`` first went non-finite.
+def first_nonfinite_rows(values: Tensor) -> Tensor:
+    """Per column of ``values`` (rows = successive steps): ``[has, first_row, value]``.
 
-    Runs on the device without a host synchronisation (``torch.where`` with Python scalars
-    passes them as kernel arguments, no copy). ``first_step`` holds ``-1`` where nothing was
-    seen yet.
+    ``has`` is 1 where some row is NaN/Inf, ``first_row`` the first such row and ``value``
+    its value; one ``(3, columns)`` float tensor, on the device, without a host sync.
     """
-    newly = ~torch.isfinite(values) & (first_step < 0)
-    return (
-        torch.where(newly, step, first_step),
-        torch.where(newly, batch_idx, first_batch),
-        torch.where(newly, values.to(first_value.dtype), first_value),
-    )
+    bad = ~torch.isfinite(values)
+    first = bad.to(torch.int32).argmax(dim=0)  # argmax returns the first maximal index
+    value = values.gather(0, first.unsqueeze(0)).squeeze(0)
+    return torch.stack([bad.any(dim=0).to(values.dtype), first.to(values.dtype), value])
 
 
 def count_nonfinite(t: Tensor) -> int:
@@ -264,11 +255,8 @@ def likely_causes(origin: Origin) -> list[str]:
             causes.append(_CAUSE_DIV)
         if origin.fp16 and (call.output_posinf or call.output_neginf):
             causes.append(_CAUSE_FP16)
-    for generic in (_CAUSE_LOG_ZERO, _CAUSE_EXP, _CAUSE_DIV, _CAUSE_LR):
-        if generic not in causes:
-            causes.append(generic)
-    if origin.fp16 and _CAUSE_FP16 not in causes:
-        causes.append(_CAUSE_FP16)
+    generic = (_CAUSE_LOG_ZERO, _CAUSE_EXP, _CAUSE_DIV) + ((_CAUSE_FP16,) if origin.fp16 else ()) + (_CAUSE_LR,)
+    causes += [c for c in generic if c not in causes]
     return causes[:4]
 
 
@@ -499,7 +487,6 @@ __all__ = [
     "CHECK",
     "DEFAULT_MIN_LOSS_SCALE",
     "EXP_OVERFLOW_INPUT",
-    "FP16_MAX",
     "ModuleCall",
     "NonFiniteEvent",
     "Origin",
@@ -509,7 +496,7 @@ __all__ = [
     "likely_causes",
     "locate_origin",
     "loss_scale_verdict",
-    "mark_first_nonfinite",
+    "first_nonfinite_rows",
     "nonfinite_verdict",
     "parent_name",
     "target_of",
