@@ -228,12 +228,12 @@ def probing(pl_module: nn.Module) -> Iterator[None]:
 
 def predict_probe(trainer: Any, pl_module: Any, batch: Any, prediction_fn: PredictionFn) -> Tensor:
     """The prediction on ``batch``, in the trainer's precision (autocast for mixed precision).
-    Call inside :func:`probing`."""
+    Call inside :func:`probing` (no gradients: the tensor is the model's own output object)."""
     with trainer.precision_plugin.forward_context():
         output = prediction_fn(pl_module, batch)
     if not isinstance(output, Tensor):
         raise TypeError(f"prediction_fn must return a tensor, got {type(output).__name__}")
-    return output.detach()
+    return output
 
 
 # --------------------------------------------------------------------------- cross-rank sums

@@ -287,9 +287,14 @@ class PredictionStability(FlightcheckCallback):
         else:
             conf = answer_confidence(output, spec)
             mean("confidence", conf, self._valid if spec.task == "multiclass" and conf.numel() else None)
-            figures["histogram"] = self._counts("histogram", class_histogram(answers, spec, self._valid))
+            histogram = self._counts("histogram", class_histogram(answers, spec, self._valid))
+            figures["answers"] = histogram[0].sum()
+            figures["diversity"] = normalized_entropy(histogram).mean()
+            figures["top_share"] = 1 - minority_share(histogram)
+            figures["top_answer"] = histogram[0].argmax().float()
             if self._label_top_share is None and self._labels is not None:
-                figures["label_histogram"] = self._counts("label_histogram", class_histogram(self._labels, spec))
+                labels = self._counts("label_histogram", class_histogram(self._labels, spec))
+                figures["label_top_share"] = 1 - minority_share(labels)
         interval = None if self._loss_sum is None else self._loss_sum / max(self._loss_steps, 1)
         if interval is None:
             interval = _logged_loss(trainer, output.device)
@@ -357,10 +362,8 @@ class PredictionStability(FlightcheckCallback):
                 reference_spread=reference,
                 reference="targets" if self._target_spread else "peak",
             )
-        histogram = torch.tensor(values["histogram"])
-        if "label_histogram" in values:
-            self._label_top_share = tuple((1 - minority_share(torch.tensor(values["label_histogram"]))).tolist())
-        top = (1 - minority_share(histogram)).tolist()
+        if "label_top_share" in values:
+            self._label_top_share = tuple(values["label_top_share"])
         accuracy = _num(values["agreement"])
         skill = None
         if accuracy is not None and self._label_top_share:
@@ -368,12 +371,12 @@ class PredictionStability(FlightcheckCallback):
         return ProbeReading(
             **common,
             skill=skill,
-            answers=int(histogram[0].sum()),
-            diversity=float(normalized_entropy(histogram).mean()),
+            answers=int(values["answers"]),
+            diversity=_num(values["diversity"]),
             confidence=_num(values.get("confidence")),
-            top_share=tuple(top),
+            top_share=tuple(values["top_share"]),
             label_top_share=self._label_top_share,
-            top_answer=int(histogram[0].argmax()) if spec.task == "multiclass" else None,
+            top_answer=int(values["top_answer"]) if spec.task == "multiclass" else None,
         )
 
     def _log(self, trainer: Any, r: ProbeReading) -> None:
@@ -445,21 +448,16 @@ def _inputs_or_none(batch: Any) -> Tensor | None:
 
 
 def _to_host(figures: dict[str, Tensor]) -> dict[str, Any]:
-    """One host transfer for every figure of a probe."""
+    """One host transfer for every figure of a probe: scalars become floats, vectors lists."""
     names = list(figures)
     flat = torch.cat([figures[n].detach().float().reshape(-1) for n in names]).tolist()
     out: dict[str, Any] = {}
     i = 0
     for n in names:
         size = figures[n].numel()
-        chunk = flat[i : i + size]
+        out[n] = flat[i] if figures[n].dim() == 0 else flat[i : i + size]
         i += size
-        out[n] = chunk[0] if figures[n].dim() == 0 else _shaped(chunk, figures[n].shape)
     return out
-
-
-def _shaped(flat: list[float], shape: torch.Size) -> list[Any]:
-    return torch.tensor(flat).reshape(shape).tolist()
 
 
 def _num(x: Any) -> float | None:

@@ -30,8 +30,9 @@ COLLAPSE_TOP_SHARE = 0.95
 #: background, not 100%. This is what keeps class-imbalanced probes quiet.
 COLLAPSE_MINORITY_RATIO = 0.25
 #: Labels must be diverse enough to judge: at least this share outside the majority label
-#: (2 of 32 samples). A probe of one class (a validation set sorted by class) says nothing.
-COLLAPSE_MIN_LABEL_MINORITY = 0.05
+#: (4 of 32 samples). A probe of one class (a validation set sorted by class) says nothing,
+#: and on a heavily imbalanced one answering the majority is the prior, not a collapse.
+COLLAPSE_MIN_LABEL_MINORITY = 0.1
 #: Without labels a probe is collapsed only when every answer is the same one.
 COLLAPSE_UNLABELLED_TOP_SHARE = 1.0
 #: Regression: predictions spread across inputs less than this fraction of the targets'
