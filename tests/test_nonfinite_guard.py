@@ -244,14 +244,47 @@ def test_warn_still_traces_a_late_look_to_the_data(tmp_path):
     assert "weight" in {q["kind"] for q in finding.data["quantities"]}  # the update reached the weights
 
 
-def test_warn_reports_weights_ruined_by_a_huge_learning_rate_without_a_misleading_replay(tmp_path):
-    guard = NonFiniteGuard()
-    fit(tmp_path, TinyClassifier(lr=1e30), cluster_data(), guard, max_steps=8, log_every_n_steps=5)
+class LinearRegression(pl.LightningModule):
+    """Least squares on inputs of scale 10 with SGD at 0.03: each step overshoots ~5x more."""
+
+    def __init__(self, lr: float = 0.03):
+        super().__init__()
+        self.lr = lr
+        self.fc = nn.Linear(8, 1)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = F.mse_loss(self.fc(x).squeeze(1), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+def scaled_regression_data(n: int = 2048):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 8, generator=g) * 10
+    return x, x.sum(dim=1)
+
+
+def test_warn_blames_a_diverging_run_on_the_learning_rate_without_a_misleading_replay(tmp_path):
+    guard = NonFiniteGuard()  # looks every 50 steps: the weights are long gone by then
+    fit(tmp_path, LinearRegression(), scaled_regression_data(), guard, max_steps=60, log_every_n_steps=50)
     finding = only_finding(guard)
-    assert finding.data["origin"] == "weights"
-    assert "weights were already non-finite (net." in finding.message
+    assert finding.data["origin"] == "not_replayed"  # the loss overflowed to inf, the batch is gone
+    assert "gradient norm grew from" in finding.message
     assert finding.causes[0].startswith("learning rate too high")
     assert finding.data["reproducer"] is None
+
+
+def test_warn_calls_a_nan_after_steady_gradients_sudden(tmp_path):
+    guard = NonFiniteGuard()  # the log-of-zero batch at step 5 is gone by the look at step 7
+    fit(tmp_path, FirstLayerModel(LogLayer()), positive_data(0.0, batch=5), guard, max_steps=8, log_every_n_steps=8)
+    finding = only_finding(guard)
+    assert finding.step == 5 and finding.data["origin"] == "weights"
+    assert "steady before" in finding.message
+    assert finding.causes[0].startswith("log of zero")
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])

@@ -82,6 +82,7 @@ from flightcheck.checks.nonfinite import (
     locate_origin,
     loss_scale_verdict,
     first_nonfinite_rows,
+    gradient_trend,
     nonfinite_verdict,
 )
 from flightcheck.errors import NonFiniteError
@@ -175,6 +176,8 @@ class NonFiniteGuard(FlightcheckCallback):
         self._checkpoint_due: str | None = None
         self._batches_since_look = 0
         self._last_bad_step = -1
+        self._grad_streams: set[int] = set()
+        self._grad_history: list[tuple[int, float]] = []
 
     # ------------------------------------------------------------------ hooks
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
@@ -215,6 +218,7 @@ class NonFiniteGuard(FlightcheckCallback):
         params, norms = step_grad_norms(trainer, optimizer)
         if params:
             names = self._param_names
+            self._grad_streams.add(id(optimizer))
             self._records.write(
                 ("gradient", id(optimizer)),
                 tuple(map(id, params)),
@@ -334,10 +338,17 @@ class NonFiniteGuard(FlightcheckCallback):
         parts = [f.stats for f in folded] + self._scale.tensors()
         parts += [weight_norms] if weight_norms is not None else []
         host = _to_host(parts)
-        events = []
+        events, history = [], []
         for f in folded:
-            found, host = f.events(host)
+            found, norms, host = f.events(host)
             events += found
+            history += norms
+        if len({id(f) for f in folded if f._totals}) and len(self._grad_streams) == 1:
+            history = self._grad_history[-1:] + history  # the last step of the previous look
+            finite = [h for h in history if math.isfinite(h[1])]
+            self._grad_history = finite[-1:]
+        else:
+            history = []
         data_events = [e for e in events if e.kind == "data"]  # evidence only, never news on its own
         events = [e for e in events if e.kind != "data"]
         scale_figures, host = self._scale.figures(host)
@@ -399,6 +410,7 @@ class NonFiniteGuard(FlightcheckCallback):
             replayed_step=replayed.step if replayed else None,
             replayed_batch=replayed.batch_idx if replayed else None,
             data_counts=replayed.data_counts if replayed else None,
+            trend=gradient_trend(history, min(e.step for e in events)),
         )
         news = not self._dedup.is_active(CHECK, verdict.target)
         if (replayed is not None and self.save_reproducer and news and self.hub(trainer).is_writer
@@ -536,16 +548,23 @@ class _Folded:
     """One ring's rows reduced on the device to, per column, whether and where it first went
     non-finite and the value it had; with the host-side labels to read it back."""
 
-    def __init__(self, columns: Callable[[], list[tuple[str, str]]], stats: Tensor,
-                 rows: list[tuple[int, int]], stale: list[tuple[bool, ...] | None]) -> None:
+    def __init__(self, columns: Callable[[], list[tuple[str, str]]], stats: Tensor, width: int,
+                 rows: list[tuple[int, int]], stale: list[tuple[bool, ...] | None], totals: bool) -> None:
         self._columns = columns
         self.stats = stats
+        self._width = width
         self._rows = rows
         self._stale = stale
+        self._totals = totals
 
-    def events(self, host: list[float]) -> tuple[list[NonFiniteEvent], list[float]]:
-        width = self.stats.shape[-1]
+    def events(self, host: list[float]) -> tuple[list[NonFiniteEvent], list[tuple[int, float]], list[float]]:
+        """The first non-finite value of each column, the per-row norm history, the rest of ``host``."""
+        width = self._width
         has, first, value, host = host[:width], host[width:2 * width], host[2 * width:3 * width], host[3 * width:]
+        history: list[tuple[int, float]] = []
+        if self._totals:
+            history = [(row[0], total) for row, total in zip(self._rows, host[: len(self._rows)])]
+            host = host[len(self._rows):]
         columns = self._columns()
         metric_at = {i: j for j, i in enumerate(i for i, (kind, _) in enumerate(columns) if kind == "metric")}
         events = []
@@ -558,15 +577,16 @@ class _Folded:
                 continue  # a value repeated from an earlier, already counted batch
             step, batch = self._rows[row]
             events.append(NonFiniteEvent(kind, name, step, batch, value[i]))
-        return events, host
+        return events, history, host
 
 
 class _Ring:
     """Rows of per-batch (or per-step) values of one layout, on the device until folded."""
 
     def __init__(self, layout: Hashable, columns: Callable[[], list[tuple[str, str]]], width: int, device: Any,
-                 capacity: int) -> None:
+                 capacity: int, totals: bool) -> None:
         self.layout = layout
+        self.totals = totals  # keep each row's L2 norm too (the global gradient norm of a step)
         self.columns = _cached(columns)
         self.values = torch.empty((capacity, width), dtype=torch.float32, device=device)
         self.rows: list[tuple[int, int]] = []
@@ -584,8 +604,11 @@ class _Ring:
     def fold(self) -> _Folded | None:
         if not self.rows:
             return None
-        stats = first_nonfinite_rows(self.values[: len(self.rows)])
-        folded = _Folded(self.columns, stats, self.rows, self.stale)
+        values = self.values[: len(self.rows)]
+        stats = first_nonfinite_rows(values).reshape(-1)
+        if self.totals:
+            stats = torch.cat([stats, values.square().sum(dim=1).sqrt()])
+        folded = _Folded(self.columns, stats, values.shape[1], self.rows, self.stale, self.totals)
         self.rows, self.stale = [], []
         return folded
 
@@ -613,7 +636,8 @@ class _Records:
             if ring is not None:
                 self._fold(ring)
             if ring is None or ring.layout != (layout, width):
-                ring = _Ring((layout, width), columns, width, pieces[0].device, self.capacity)
+                ring = _Ring((layout, width), columns, width, pieces[0].device, self.capacity,
+                             totals=isinstance(stream, tuple) and stream[0] == "gradient")
                 self._rings[stream] = ring
         device = ring.values.device
         ring.write([p if p.device == device else p.to(device) for p in pieces], row, stale)

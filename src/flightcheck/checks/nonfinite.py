@@ -43,6 +43,14 @@ DEFAULT_MIN_LOSS_SCALE = 1.0
 #: an exponential (exp, softmax without max subtraction, softplus, cosh).
 EXP_OVERFLOW_INPUT = {torch.float16: math.log(65504.0), torch.bfloat16: 88.7, torch.float32: 88.7}
 
+#: A rise of the global gradient norm by this factor between the start of the look-back
+#: window (up to one logging interval) and the last step before the first non-finite one
+#: marks a diverging run (learning rate too high, exploding gradients) rather than a sudden
+#: NaN/Inf made from particular values. Past the first steps, healthy runs move their
+#: gradient norm by well under 10x within a logging interval; GradientMonitor's spike and
+#: explosion checks watch the smaller moves.
+DIVERGENCE_GROWTH = 100.0
+
 # What each origin is, in the user's words; used in messages and in ``data["origin"]``.
 ORIGINS = (
     "data",  # the batch held NaN/Inf
@@ -224,12 +232,41 @@ _CAUSE_LR = "learning rate too high: weights and activations grew until they ove
 _CAUSE_DATA = "NaN/Inf in the data (missing values, a division by zero in preprocessing, a corrupt sample)"
 
 
-def likely_causes(origin: Origin) -> list[str]:
-    """The likely causes of a non-finite value made at ``origin``, most likely first."""
+def gradient_trend(history: Sequence[tuple[int, float]], first_bad_step: int) -> tuple[int, float, int, float] | None:
+    """``(start_step, start_norm, last_step, last_norm)``: the global gradient norm at the start of
+    the look-back window and at the last step before ``first_bad_step`` (``None`` without two points)."""
+    finite = sorted((s, n) for s, n in history if s < first_bad_step and math.isfinite(n))
+    if len(finite) < 2:
+        return None
+    (s0, n0), (s1, n1) = finite[0], finite[-1]
+    return s0, n0, s1, n1
+
+
+def is_diverging(trend: tuple[int, float, int, float] | None) -> bool | None:
+    """Whether the gradient norm rose :data:`DIVERGENCE_GROWTH`-fold before the first non-finite step."""
+    if trend is None:
+        return None
+    _, start, _, last = trend
+    return last >= DIVERGENCE_GROWTH * max(start, 1e-12)
+
+
+_SUDDEN = [_CAUSE_LOG_ZERO, _CAUSE_EXP, _CAUSE_DIV, _CAUSE_DATA]
+
+
+def likely_causes(origin: Origin, diverging: bool | None = None) -> list[str]:
+    """The likely causes of a non-finite value made at ``origin``, most likely first.
+
+    ``diverging``: whether the gradient norm was growing before (:func:`is_diverging`), used
+    to order the causes when no replay could show where the value was made.
+    """
     if origin.kind == "data":
         return [_CAUSE_DATA]
-    if origin.kind == "weights":
-        return [_CAUSE_LR, "an earlier non-finite update (NaN/Inf gradients) was applied to the weights"]
+    if origin.kind in ("weights", "not_replayed"):
+        if diverging:
+            return [_CAUSE_LR, "exploding gradients (no clipping) in a deep or unnormalised network"]
+        if diverging is False:
+            return _SUDDEN[:3]
+        return [*_SUDDEN[:3], _CAUSE_LR]
     if origin.kind == "backward":
         return [
             "a function whose derivative is infinite at the point reached: sqrt, pow with a "
@@ -260,7 +297,13 @@ def likely_causes(origin: Origin) -> list[str]:
     return causes[:4]
 
 
-def advice_for(origin: Origin, action: str = "warn") -> list[str]:
+_ADVICE_STABLE = (
+    "use the stable forms: log_softmax / logsumexp / BCEWithLogits instead of log(softmax) / log(sigmoid); "
+    "add an eps to divisions, logs and sqrt (`x.clamp_min(eps)`)"
+)
+
+
+def advice_for(origin: Origin, action: str = "warn", diverging: bool | None = None) -> list[str]:
     """What to try next for a non-finite value made at ``origin``."""
     if origin.kind == "data":
         return [
@@ -268,11 +311,16 @@ def advice_for(origin: Origin, action: str = "warn") -> list[str]:
             "and fix or drop them in the dataset or transforms",
             "add an assertion such as `assert torch.isfinite(x).all()` to the data pipeline",
         ]
-    if origin.kind == "weights":
-        return [
-            "lower the learning rate or add warm-up, and clip gradients (`gradient_clip_val`)",
-            "run with `NonFiniteGuard(action='stop')` to keep the last good weights and the offending batch",
-        ]
+    if origin.kind in ("weights", "not_replayed"):
+        advice = []
+        if action == "warn":
+            advice.append("run with `NonFiniteGuard(action='stop')`: it stops before the bad update, keeps the "
+                          "last good weights and replays the offending batch to name the module that made it")
+        if diverging is not False:
+            advice.append("lower the learning rate or add warm-up, and clip gradients (`gradient_clip_val`)")
+        if diverging is not True:
+            advice.append(_ADVICE_STABLE)
+        return advice
     if origin.kind == "logged_only":
         return [
             "check how the logged value is computed: a mean over an empty selection or a ratio with a zero count",
@@ -281,11 +329,7 @@ def advice_for(origin: Origin, action: str = "warn") -> list[str]:
     advice = []
     if origin.kind in ("module", "between_modules"):
         advice.append(f"look at the forward of {origin.where()} with the saved batch and weights")
-    advice += [
-        "use the stable forms: log_softmax / logsumexp / BCEWithLogits instead of log(softmax) / "
-        "log(sigmoid); add an eps to divisions, logs and sqrt (`x.clamp_min(eps)`)",
-        "lower the learning rate or clip gradients if values grew large before this step",
-    ]
+    advice += [_ADVICE_STABLE, "lower the learning rate or clip gradients if values grew large before this step"]
     if origin.fp16:
         advice.append("train in bf16-mixed, or keep this module in float32 (autocast(enabled=False))")
     if action == "warn":
@@ -332,6 +376,7 @@ def nonfinite_verdict(
     replayed_step: int | None = None,
     replayed_batch: int | None = None,
     data_counts: dict[str, int] | None = None,
+    trend: tuple[int, float, int, float] | None = None,
 ) -> Verdict:
     """The finding for one non-finite event: what went bad, when, where it was made, why.
 
@@ -346,6 +391,8 @@ def nonfinite_verdict(
         checkpoint: the last-good checkpoint written by ``action="stop"``.
         replayed_step, replayed_batch: the step and batch index that were replayed.
         data_counts: per batch tensor path, how many values were non-finite.
+        trend: the gradient norm before the first non-finite step (:func:`gradient_trend`),
+            told when no replay could show where the value was made.
     """
     events = sorted(events, key=lambda e: (e.step, e.kind != "metric", e.name))
     first = events[0] if events else NonFiniteEvent("loss", "loss", -1)
@@ -399,8 +446,8 @@ def nonfinite_verdict(
         where = f" The forward pass was finite: the backward pass made it{near}{op}{step_note}."
     elif origin.kind == "weights":
         where = (
-            f" The weights were already non-finite ({', '.join(origin.parameters[:3])}), so a replay "
-            "cannot show where it started; the bad update was applied before it was read."
+            f" The weights were already non-finite ({', '.join(origin.parameters[:3])}) when this was read, "
+            "so a replay cannot show where it started."
         )
     elif origin.kind == "logged_only":
         where = " The loss and gradients stayed finite: only the logged value is non-finite, training is not harmed."
@@ -412,6 +459,14 @@ def nonfinite_verdict(
         where = f" The batch could not be replayed ({origin.op})."
     else:
         where = " The offending batch is no longer held, so it was not replayed."
+    diverging = is_diverging(trend) if origin.kind in ("weights", "not_replayed") else None
+    if diverging is not None and trend is not None:
+        s0, n0, s1, n1 = trend
+        if diverging:
+            where += f" The gradient norm grew from {_fmt(n0)} (step {s0}) to {_fmt(n1)} (step {s1}) first: the run was diverging."
+        else:
+            where += (f" The gradient norm was steady before ({_fmt(n0)} at step {s0}, {_fmt(n1)} at step {s1}): "
+                      "a sudden non-finite value from particular inputs, not a slow divergence.")
     done = {
         "warn": "",
         "skip": " The update was skipped.",
@@ -424,8 +479,8 @@ def nonfinite_verdict(
         check=CHECK,
         severity=severity,
         message=head + where + done,
-        causes=tuple(likely_causes(origin)),
-        advice=tuple(advice_for(origin, action)),
+        causes=tuple(likely_causes(origin, diverging)),
+        advice=tuple(advice_for(origin, action, diverging)),
         target=target_of(events),
         data={
             "step": first.step,
@@ -442,6 +497,7 @@ def nonfinite_verdict(
             "checkpoint": checkpoint,
             "replayed_step": replayed_step,
             "replayed_batch": replayed_batch,
+            "gradient_trend": list(trend) if trend is not None else None,
         },
     )
 
@@ -485,6 +541,7 @@ def loss_scale_verdict(
 
 __all__ = [
     "CHECK",
+    "DIVERGENCE_GROWTH",
     "DEFAULT_MIN_LOSS_SCALE",
     "EXP_OVERFLOW_INPUT",
     "ModuleCall",
@@ -493,6 +550,8 @@ __all__ = [
     "advice_for",
     "count_nonfinite",
     "first_nonfinite_call",
+    "gradient_trend",
+    "is_diverging",
     "likely_causes",
     "locate_origin",
     "loss_scale_verdict",
