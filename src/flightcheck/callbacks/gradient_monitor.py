@@ -230,11 +230,12 @@ class GradientMonitor(FlightcheckCallback):
     def _reset_history(self) -> None:
         self._steps_with_grads = 0
         # per optimizer series (keyed by a stable name): normal gradient norms, recent ones, update ratios
-        self._reference: dict[str, collections.deque] = {}
+        self._history: dict[str, collections.deque] = {}
         self._early: dict[str, list[float]] = {}
         self._recent: dict[str, collections.deque] = {}
         self._ratios: dict[str, collections.deque] = {}  # (step, update ratio, learning rate)
         self._start_weight: dict[str, float] = {}
+        self._peak_lr: dict[str, float] = {}
         self._weights: collections.deque = collections.deque(maxlen=judge.WEIGHT_GROWTH_WINDOW + 1)
         self._layer_weights: collections.deque = collections.deque(maxlen=judge.WEIGHT_GROWTH_WINDOW + 1)
         self._layer_rms: collections.deque = collections.deque(maxlen=judge.VANISHING_WINDOW)
@@ -268,11 +269,12 @@ class GradientMonitor(FlightcheckCallback):
                 per_param[name] = [*stats[i], had]
         return {
             "steps_with_grads": self._steps_with_grads,
-            "reference": {k: list(v) for k, v in self._reference.items()},
+            "history": {k: list(v) for k, v in self._history.items()},
             "early": {k: list(v) for k, v in self._early.items()},
             "recent": {k: list(v) for k, v in self._recent.items()},
             "ratios": {k: [list(t) for t in v] for k, v in self._ratios.items()},
             "start_weight": dict(self._start_weight),
+            "peak_lr": dict(self._peak_lr),
             "weights": list(self._weights),
             "raised": [[c, s, t] for (c, s), t in self._raised.items()],
             "per_param": per_param,
@@ -281,12 +283,13 @@ class GradientMonitor(FlightcheckCallback):
     def load_extra_state(self, state: dict[str, Any]) -> None:
         self._reset_history()
         self._steps_with_grads = int(state.get("steps_with_grads", 0))
-        for attr, maxlen in (("reference", judge.SPIKE_WINDOW), ("recent", judge.EXPLOSION_WINDOW),
+        for attr, maxlen in (("history", judge.SPIKE_WINDOW), ("recent", judge.EXPLOSION_WINDOW),
                              ("ratios", judge.UPDATE_RATIO_WINDOW)):
             store = getattr(self, f"_{attr}")
             for key, values in state.get(attr, {}).items():
                 store[key] = collections.deque([tuple(v) if isinstance(v, list) else v for v in values], maxlen=maxlen)
         self._start_weight = dict(state.get("start_weight", {}))
+        self._peak_lr = dict(state.get("peak_lr", {}))
         self._early = {k: list(v) for k, v in state.get("early", {}).items()}
         self._weights.extend(state.get("weights", []))
         self._raised = {(c, s): t for c, s, t in state.get("raised", [])}
@@ -451,14 +454,15 @@ class GradientMonitor(FlightcheckCallback):
             self._unsettled -= changed
             self._generation += 1
 
-        per_step = self._absorb_rows(lay, rows, meta)
+        per_step = self._absorb_rows(lay, rows, meta, _norm_clip(trainer))
         per_step[-1][1].update(self._layer_metrics(trainer, lay, rows, layer_w))
         hub = self.hub(trainer)
         for step, metrics in per_step:
             hub.log_scalars(metrics, step=step)
         step = meta[-1][0]
-        for slot, verdict, at in self._judge_series(lay, rows, step) + self._judge_parameters(lay, grad_steps, hits,
-                                                                                              delta_max, step):
+        verdicts = self._judge_series(lay, rows, step, _progress(trainer, step))
+        verdicts += self._judge_parameters(lay, grad_steps, hits, delta_max, step)
+        for slot, verdict, at in verdicts:
             self._raise(trainer, slot, verdict, at)
 
     def _series_name(self, lay: _Layout, k: int) -> str:
@@ -466,10 +470,12 @@ class GradientMonitor(FlightcheckCallback):
             return "unregistered_optimizer"
         return "total" if lay.K == 1 else f"optimizer_{k}"
 
-    def _absorb_rows(self, lay: _Layout, rows: np.ndarray, meta: list) -> list[tuple[int, dict[str, float]]]:
+    def _absorb_rows(self, lay: _Layout, rows: np.ndarray, meta: list, clip: float) -> list[tuple[int, dict[str, float]]]:
         """Extend the host-side histories with each step's row; returns each step's total scalars.
 
-        Spikes are judged here, step by step, against the history before each step.
+        Spikes are judged here, step by step, against the history before each step, on the norm
+        that reaches the optimizer: under ``gradient_clip_val`` a spike is capped, which is what
+        the user asked clipping to do.
         """
         numel = np.maximum(lay.layer_numel, 1)
         per_step: list[tuple[int, dict[str, float]]] = []
@@ -496,20 +502,20 @@ class GradientMonitor(FlightcheckCallback):
                 early = self._early.setdefault(name, [])
                 if len(early) < judge.EARLY_STEPS:
                     early.append(value)
-                ref = self._reference.setdefault(name, collections.deque(maxlen=judge.SPIKE_WINDOW))
-                spike = judge.grad_spike(value, ref, step=step, early_level=float(np.median(early)), target=name,
+                ref = self._history.setdefault(name, collections.deque(maxlen=judge.SPIKE_WINDOW))
+                spike = judge.grad_spike(min(value, clip), ref, step=step, early_level=float(np.median(early)), target=name,
                                          min_ratio=self.spike_min_ratio, top_layer=top)
                 if spike is not None and name not in self._spikes:
                     self._spikes[name] = (spike, step)
-                # Explosions stay out of the reference, so a persisting one stays reported.
-                if len(ref) < judge.MIN_REFERENCE or value < self.explosion_factor * float(np.median(ref)):
-                    ref.append(value)
+                ref.append(value)
                 self._recent.setdefault(name, collections.deque(maxlen=judge.EXPLOSION_WINDOW)).append(value)
                 self._start_weight.setdefault(name, float(w_opt[k]))
                 ratio = float(np.sqrt(d_opt[k] / w_opt[k])) if w_opt[k] > 0 and np.isfinite(d_opt[k]) else 0.0
                 if ratio > 0:  # 0: the optimizer skipped this step (fp16 overflow, learning rate 0)
                     history = self._ratios.setdefault(name, collections.deque(maxlen=judge.UPDATE_RATIO_WINDOW))
                     history.append((step, ratio, lrs[k]))
+                    if math.isfinite(lrs[k]):
+                        self._peak_lr[name] = max(self._peak_lr.get(name, 0.0), lrs[k])
             d_all, w_all = np.nansum(d_opt[: lay.K]), np.nansum(w_opt[: lay.K])
             if w_all > 0 and np.isfinite(d_all):
                 metrics["flightcheck/update_ratio/total"] = float(np.sqrt(d_all / w_all))
@@ -519,22 +525,24 @@ class GradientMonitor(FlightcheckCallback):
             per_step.append((step, metrics))
         return per_step
 
-    def _judge_series(self, lay: _Layout, rows: np.ndarray, step: int) -> list:
+    def _judge_series(self, lay: _Layout, rows: np.ndarray, step: int, progress: float | None) -> list:
         verdicts: list[tuple[tuple[str, str], Verdict | None, int]] = []
         top = self._top_layer(lay, rows)
         for name, recent in self._recent.items():
-            explosion = judge.grad_explosion(recent, self._reference.get(name, ()), early=self._early.get(name, ()),
-                                             target=name, factor=self.explosion_factor, top_layer=top)
+            explosion = judge.grad_explosion(recent, self._early.get(name, ()), target=name,
+                                             factor=self.explosion_factor, top_layer=top)
             verdicts.append((("grad_explosion", name), explosion, step))
             if explosion is None:  # the climb of an explosion is not also a spike
                 spike, at = self._spikes.get(name, (None, step))
                 verdicts.append((("grad_spike", name), spike, at))
         for name, history in self._ratios.items():
-            early, recent = self._early.get(name), self._reference.get(name)
+            early, recent = self._early.get(name), self._history.get(name)
             level = float(np.median(list(recent)[-judge.UPDATE_RATIO_WINDOW :]) / np.median(early)) if early and recent else None
             at, ratios, lrs = zip(*history)
+            peak = self._peak_lr.get(name)
             verdict = judge.update_ratio(ratios, learning_rates=lrs, steps=at, gradient_level=level,
-                                         from_zero=self._start_weight.get(name, 1.0) == 0, target=name,
+                                         peak_learning_rate=peak if peak and math.isfinite(peak) else None,
+                                         progress=progress, from_zero=self._start_weight.get(name, 1.0) == 0, target=name,
                                          max_ratio=self.max_update_ratio, min_ratio=self.min_update_ratio)
             verdicts.append((("update_ratio", name), verdict, step))
         self._vanishing_layers: set[str] = set()
@@ -640,12 +648,11 @@ class GradientMonitor(FlightcheckCallback):
                 for kind, value in values.items():
                     if math.isfinite(value):
                         metrics[f"flightcheck/{kind}/{label}"] = float(value)
-        clip = getattr(trainer, "gradient_clip_val", None)
-        algorithm = getattr(trainer, "gradient_clip_algorithm", None)
-        if clip and (algorithm is None or algorithm == "norm"):
+        clip = _norm_clip(trainer)
+        if math.isfinite(clip):
             with np.errstate(all="ignore"):
                 totals = np.sqrt(np.nansum(rows[:, lay.G], axis=1))
-            metrics["flightcheck/grad_norm/clipped_fraction"] = float(np.mean(totals > float(clip)))
+            metrics["flightcheck/grad_norm/clipped_fraction"] = float(np.mean(totals > clip))
         return metrics
 
     def _charted(self, lay: _Layout) -> list[int]:
@@ -671,6 +678,24 @@ class GradientMonitor(FlightcheckCallback):
                                  torch.cat([p.grad.detach().reshape(-1).float() for p in ps]), step)
             writer.add_histogram(f"flightcheck/histograms/weight/{name}",
                                  torch.cat([p.detach().reshape(-1).float() for p in ps]), step)
+
+
+def _progress(trainer: Any, step: int) -> float | None:
+    """The fraction of the planned optimizer steps done, ``None`` when the run has no planned end."""
+    try:
+        planned = float(trainer.estimated_stepping_batches)
+    except Exception:  # noqa: BLE001 - no loader length, or an unusual trainer
+        return None
+    return step / planned if math.isfinite(planned) and planned > 0 else None
+
+
+def _norm_clip(trainer: Any) -> float:
+    """The gradient norm Lightning clips to after this hook (``inf`` when it does not clip by norm)."""
+    clip = getattr(trainer, "gradient_clip_val", None)
+    algorithm = getattr(trainer, "gradient_clip_algorithm", None)
+    if clip and (algorithm is None or algorithm == "norm"):
+        return float(clip)
+    return math.inf
 
 
 def _positive_int(name: str, value: Any, allow_zero: bool = False, accepted: str | None = None) -> None:

@@ -24,23 +24,19 @@ from flightcheck.signals.robust import MAD_TO_STD, finite, growth_by_part, media
 # ---------------------------------------------------------------------------- thresholds
 
 #: Explosion: the median of the last few gradient norms is this many times the median of the
-#: run's earlier, normal ones. Healthy runs move their gradient norm by a few times over
-#: training (warm-up, sharpening, LR decay); a 50x jump within a handful of steps is a
-#: divergence in progress. The ratio is taken against a reference that explosions do not
-#: enter, so a persisting explosion stays reported.
+#: run's first steps. Healthy runs move their gradient norm by a few times over training
+#: (warm-up, sharpening, LR decay) and mostly downwards; 50x above the start is a divergence
+#: in progress, whether it took five steps or five hundred.
 EXPLOSION_FACTOR = 50.0
 #: ... over this many recent optimizer steps (a median of 5 ignores one or two outliers:
 #: a single bad batch is a spike, not an explosion).
 EXPLOSION_WINDOW = 5
 #: A further factor over ``EXPLOSION_FACTOR`` at which an explosion becomes an error.
 EXPLOSION_ERROR_FACTOR = 100.0
-#: Reference values needed before explosions and spikes are judged.
-MIN_REFERENCE = 5
 #: The run's early gradient level is the median of its first this many steps (before a
-#: small model on easy data has converged, which can take as few as ten). A converged run has
-#: gradients many orders below it, and an ordinary hard batch then looks like a 1000x
-#: "explosion" of a near-zero median: neither an explosion nor a spike is called unless the
-#: norm also clears the early level.
+#: small model on easy data has converged, which can take as few as ten). It is the yardstick
+#: of explosions, and a floor for spikes: a converged run has gradients many orders below it,
+#: and an ordinary hard batch would otherwise look like a 1000x spike of a near-zero median.
 EARLY_STEPS = 5
 
 #: Spike: one step's gradient norm at least this many times the rolling median ...
@@ -73,17 +69,19 @@ MAX_UPDATE_RATIO = 0.5
 #: is about the learning rate per weight, so this is a learning rate above the weights' own
 #: scale (Adam at 1e-2 on a 784-input layer, whose weights are ~0.02, sits near 0.45).
 MAX_STEP_UPDATE_RATIO = 1.0
-#: Below this, sustained at a steady learning rate, the weights have effectively stopped
-#: moving (Adam at 1e-6 on typical weights sits near 5e-6; fine-tuning at 1e-5 near 5e-5).
-MIN_UPDATE_RATIO = 1e-6
+#: Below this, sustained while the gradients are alive, the weights have effectively stopped
+#: moving: Adam at 1e-6 on weights of RMS ~0.1 sits near 6e-6; fine-tuning a pretrained model
+#: with Adam at 1e-5 (weights of RMS 0.02-0.04) sits at 3e-5 and above.
+MIN_UPDATE_RATIO = 1e-5
 #: Steps the update ratio is judged over (a median).
 UPDATE_RATIO_WINDOW = 20
 #: "Too small" is judged only while the gradients are at least this fraction of their early
 #: level: a converged model has tiny gradients and, rightly, tiny updates.
 LIVE_GRADIENT_FRACTION = 0.1
-#: A learning rate counts as steady over the window when its smallest value is at least this
-#: fraction of its largest: warm-up and decay phases move the ratio with them and are skipped.
-STEADY_LR_FRACTION = 0.5
+#: A learning rate that rose by more than this factor across the window is warming up.
+WARMUP_LR_RISE = 1.1
+#: A learning rate below this fraction of the run's peak has been decayed.
+DECAYED_LR_FRACTION = 0.5
 
 #: Weight growth: the total weight norm grew by this factor within ``WEIGHT_GROWTH_WINDOW``
 #: steps, by at least its square root in each half of the window (a sustained trend: a single
@@ -127,31 +125,30 @@ def _where(target: str) -> str:
 
 def grad_explosion(
     recent: Sequence[float],
-    reference: Sequence[float],
+    early: Sequence[float],
     *,
-    early: Sequence[float] = (),
     target: str = "total",
     factor: float = EXPLOSION_FACTOR,
-    min_reference: int = MIN_REFERENCE,
     top_layer: str | None = None,
 ) -> Verdict | None:
-    """A sustained rise of the gradient norm far above its normal level.
+    """A sustained rise of the gradient norm far above the level the run started at.
+
+    Judged against the first steps rather than a rolling baseline, so a climb over hundreds
+    of steps (a loss running off to minus infinity) is caught as surely as a sudden one, and
+    a converged run's near-zero gradients are not the yardstick.
 
     Args:
         recent: the last few finite gradient norms (``EXPLOSION_WINDOW`` of them).
-        reference: earlier normal norms (explosions excluded).
-        early: the norms of the run's first steps; the rise must clear their median too.
-        target: ``"total"`` or the optimizer/layer the series belongs to.
-        factor: how many times the reference median the recent median must reach.
-        min_reference: reference values needed before judging.
+        early: the norms of the run's first ``EARLY_STEPS`` steps.
+        target: ``"total"`` or the optimizer the series belongs to.
+        factor: how many times the early median the recent median must reach.
         top_layer: the layer holding most of the gradient, named in the message when given.
     """
-    recent_arr, ref, early_arr = finite(recent), finite(reference), finite(early)
-    if recent_arr.size < 3 or ref.size < min_reference:
+    recent_arr, early_arr = finite(recent), finite(early)
+    if recent_arr.size < 3 or early_arr.size < 3:
         return None
-    now, before = float(np.median(recent_arr)), float(np.median(ref))
-    floor = float(np.median(early_arr)) if early_arr.size else 0.0
-    if before <= 0 or now < factor * max(before, floor):
+    now, before = float(np.median(recent_arr)), float(np.median(early_arr))
+    if before <= 0 or now < factor * before:
         return None
     ratio = now / before
     severity = Severity.ERROR if ratio >= factor * EXPLOSION_ERROR_FACTOR else Severity.WARNING
@@ -160,20 +157,19 @@ def grad_explosion(
         check="grad_explosion",
         severity=severity,
         message=f"{_where(target).capitalize()} rose to {_fmt(now)} (median of the last {recent_arr.size} steps), "
-        f"{_fmt(ratio)}x its earlier median of {_fmt(before)}{where}.",
+        f"{_fmt(ratio)}x the {_fmt(before)} the run started at{where}.",
         causes=(
             "the learning rate is too high for this model (or warm-up too short)",
+            "a loss that is unbounded below (a wrong sign, NLL on raw logits) or summed instead of averaged",
             "a numerically unstable operation (exp, log, division) or an unnormalised input",
-            "a loss that is summed instead of averaged over a growing batch or sequence",
         ),
         advice=(
             "lower the learning rate by 10x, or add or lengthen the warm-up",
+            "check the loss' sign, input and reduction",
             "clip gradients (Trainer(gradient_clip_val=1.0))",
-            "check the inputs' scale and the loss' reduction",
         ),
         target=target,
-        data={"recent_median": now, "reference_median": before, "ratio": ratio, "factor": factor,
-              "top_layer": top_layer},
+        data={"recent_median": now, "early_median": before, "ratio": ratio, "factor": factor, "top_layer": top_layer},
     )
 
 
@@ -324,6 +320,8 @@ def update_ratio(
     learning_rates: Sequence[float] = (),
     steps: Sequence[int] = (),
     gradient_level: float | None = None,
+    peak_learning_rate: float | None = None,
+    progress: float | None = None,
     from_zero: bool = False,
     target: str = "total",
     max_ratio: float = MAX_UPDATE_RATIO,
@@ -336,11 +334,16 @@ def update_ratio(
     Args:
         ratios: the update ratio per optimizer step, oldest first; steps the optimizer
             skipped (an fp16 overflow) are left out by the caller.
-        learning_rates: the learning rate at the same steps; "too small" is judged only while
-            it is steady (not in a warm-up or a decay, which move the ratio on purpose).
+        learning_rates: the learning rate at the same steps; "too small" is not judged while
+            it ramps up (a warm-up moves the ratio on purpose).
         steps: the optimizer step of each ratio, to say when a single step went too far.
         gradient_level: the recent gradient norm as a fraction of its early level; "too small"
             is judged only while the gradients are alive (a converged model rightly stops).
+        peak_learning_rate: the highest learning rate of the run so far, and
+        progress: the fraction of the planned steps done (``None`` when unknown): a learning
+            rate decayed below half its peak in the second half of the run is a schedule doing
+            its job; decayed in the first half (a scheduler stepped per batch instead of per
+            epoch), it is judged.
         from_zero: the weights started at zero (a zero-initialised linear model), where the
             first steps are rightly as large as the weights.
     """
@@ -378,21 +381,28 @@ def update_ratio(
             data={"median": med, "max_ratio": max_ratio, "window": window},
         )
     lrs = finite(learning_rates)[-window:]
-    steady = lrs.size == 0 or (lrs.max() > 0 and lrs.min() >= STEADY_LR_FRACTION * lrs.max())
+    warming_up = lrs.size > 1 and lrs[-1] > WARMUP_LR_RISE * lrs[0]
+    decayed = (lrs.size > 0 and peak_learning_rate is not None and lrs[-1] < DECAYED_LR_FRACTION * peak_learning_rate)
+    scheduled_decay = decayed and (progress is None or progress >= 0.5)
     alive = gradient_level is None or gradient_level >= LIVE_GRADIENT_FRACTION
-    if 0 < med < min_ratio and steady and alive:
+    if 0 < med < min_ratio and alive and not warming_up and not scheduled_decay:
         lr = f" at a learning rate of {_fmt(float(lrs[-1]))}" if lrs.size else ""
+        why = (f"; the learning rate fell to {_fmt(float(lrs[-1]) / peak_learning_rate)} of its peak before half the run"
+               if decayed and peak_learning_rate else "")
         return Verdict(
             check="update_ratio",
             severity=Severity.WARNING,
             message=f"Each optimizer step changes the weights by only {_fmt(med)} of their norm "
-            f"(median of {window} steps{lr}), below {_fmt(min_ratio)}: the weights have practically stopped moving.",
-            causes=("the learning rate is far too low", "gradients too small for the optimizer (SGD on tiny gradients)",
+            f"(median of {window} steps{lr}), below {_fmt(min_ratio)}: the weights have practically stopped moving{why}.",
+            causes=("the learning rate is far too low, or a scheduler decays it far too fast "
+                    "(stepped every batch where it was meant per epoch: check its interval)",
+                    "gradients too small for the optimizer (SGD on tiny gradients)",
                     "updates lost to rounding in low-precision weights"),
             advice=("raise the learning rate (a ratio near 1e-3 is typical of healthy training)",
                     "use an adaptive optimizer (Adam) or keep fp32 master weights"),
             target=target,
-            data={"median": med, "min_ratio": min_ratio, "window": window},
+            data={"median": med, "min_ratio": min_ratio, "window": window,
+                  "learning_rate": float(lrs[-1]) if lrs.size else None, "peak_learning_rate": peak_learning_rate},
         )
     return None
 
