@@ -182,7 +182,7 @@ def test_code_between_submodules_is_blamed_on_the_enclosing_model(tmp_path):
     finding = only_finding(guard)
     assert finding.data["origin"] == "between_modules"
     assert (finding.data["module"], finding.data["module_type"]) == ("", "FunctionalLog")
-    assert "before `b` received it" in finding.message
+    assert "made by `FunctionalLog.forward` itself, not a submodule: `b` already received it" in finding.message
 
 
 def test_a_log_in_the_loss_is_blamed_on_the_loss_computation(tmp_path):
@@ -425,7 +425,13 @@ def test_locate_origin_reads_the_first_bad_output_in_completion_order():
              call("head", inputs_finite=False, outputs_finite=False)]
     assert locate_origin(calls).module == "enc.1"
     assert locate_origin(calls, ["batch['x']"]).kind == "data"
-    assert locate_origin([call("enc.0"), call("enc.1", inputs_finite=False, outputs_finite=False)]).module == "enc"
+    inside_enc = [call("enc.0"), call("enc.1", inputs_finite=False, outputs_finite=False),
+                  call("enc", outputs_finite=False)]
+    assert locate_origin(inside_enc).module == "enc"
+    before_enc = [call("enc.0", inputs_finite=False, outputs_finite=False),
+                  call("enc", inputs_finite=False, outputs_finite=False), call("", outputs_finite=False)]
+    assert locate_origin(before_enc).module == ""  # the model's own forward, before calling enc
+    assert locate_origin(before_enc[:2]).module is None  # training_step, before the model
     assert locate_origin([call("a")], loss_finite=False).kind == "loss"
     assert locate_origin([call("a"), call("b")], grad_bad_parameters=["a.weight", "b.weight"],
                          forward_order=["a", "b"]).module == "b"

@@ -188,11 +188,11 @@ def locate_origin(
         call = calls[i]
         if call.inputs_finite:
             return Origin("module", module=call.name, module_type=call.type, call=call, fp16=fp16)
-        parent = parent_name(call.name) if call.name else ""
+        owner = _enclosing_maker(calls, i)
         return Origin(
             "between_modules",
-            module=parent,
-            module_type=module_types.get(parent),
+            module=owner,
+            module_type=module_types.get(owner) if owner is not None else None,
             call=call,
             fp16=fp16,
             parameters=(call.name,),
@@ -210,6 +210,19 @@ def locate_origin(
             fp16=fp16,
         )
     return Origin("not_reproduced", fp16=fp16)
+
+
+def _enclosing_maker(calls: Sequence[ModuleCall], i: int) -> str | None:
+    # calls[i] received a non-finite input from outside any submodule: the innermost
+    # enclosing call that was itself given finite inputs made it in its own code. An
+    # enclosing call completes after its children, so it is found later in the list.
+    name = calls[i].name
+    while name:
+        name = parent_name(name)
+        enclosing = next((c for c in calls[i + 1:] if c.name == name), None)
+        if enclosing is not None and enclosing.inputs_finite:
+            return name
+    return None  # before the model was called: training_step's own code
 
 
 def _module_nearest_loss(parameters: Sequence[str], forward_order: Sequence[str]) -> str | None:
@@ -327,7 +340,9 @@ def advice_for(origin: Origin, action: str = "warn", diverging: bool | None = No
             "log it only when its denominator is positive, or log `torch.nan_to_num(value)`",
         ]
     advice = []
-    if origin.kind in ("module", "between_modules"):
+    if origin.kind == "between_modules" and origin.module is None:
+        advice.append("look at training_step's code before it calls the model, with the saved batch and weights")
+    elif origin.kind in ("module", "between_modules"):
         advice.append(f"look at the forward of {origin.where()} with the saved batch and weights")
     advice += [_ADVICE_STABLE, "lower the learning rate or clip gradients if values grew large before this step"]
     if origin.fp16:
@@ -436,8 +451,13 @@ def nonfinite_verdict(
         where = f" It was made inside {origin.where()} from finite inputs{step_note}."
     elif origin.kind == "between_modules":
         child = origin.call.name if origin.call else "?"
-        owner = origin.where() if origin.module else f"`{origin.module_type or 'the model'}.forward` / training_step"
-        where = f" It was made by the code of {owner} between its submodules, before `{child}` received it{step_note}."
+        if origin.module is None:
+            owner = "training_step, before the model was called"
+        elif origin.module == "":
+            owner = f"`{origin.module_type or 'the model'}.forward` itself, not a submodule"
+        else:
+            owner = f"{origin.where()}'s own forward code, not a submodule"
+        where = f" It was made by {owner}: `{child}` already received it{step_note}."
     elif origin.kind == "loss":
         where = f" Every module output was finite; the loss computation in training_step made it{step_note}."
     elif origin.kind == "backward":
