@@ -485,10 +485,10 @@ class NonFiniteGuard(FlightcheckCallback):
         loss = _loss_of(output)
         loss_finite = loss is None or count_nonfinite(loss.detach()) == 0
         calls = recorder.calls()
-        anomaly = None
+        backward_op = None
         if grad_bad and loss_finite and not data_counts and all(c.outputs_finite for c in calls):
             with contextlib.suppress(Exception):  # naming the op is a bonus; the layer is known without it
-                anomaly = _backward_culprit(trainer, pl_module, batch, batch_idx)
+                backward_op = _backward_culprit(trainer, pl_module, batch, batch_idx)
         origin = locate_origin(
             calls,
             tuple(data_counts),
@@ -496,7 +496,7 @@ class NonFiniteGuard(FlightcheckCallback):
             module_types={n: type(m).__name__ for n, m in pl_module.named_modules()},
             grad_bad_parameters=grad_bad,
             forward_order=recorder.order,
-            anomaly_op=anomaly,
+            backward_op=backward_op,
             fp16=fp16,
         )
         return origin, _Replayed(batch, batch_idx, self._batch_step, data_counts)

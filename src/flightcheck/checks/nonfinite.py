@@ -11,8 +11,9 @@ is non-finite is where the value appeared:
 - its inputs were finite: the module made it (``made inside by <module>``);
 - its inputs were already non-finite and the batch holds non-finite values: it came in
   with the data;
-- its inputs were non-finite but the batch is clean: the enclosing module's own code (the
-  functional lines between submodules) made it;
+- its inputs were non-finite but the batch is clean: the innermost enclosing module that
+  was given finite inputs made it in its own code (the functional lines between its
+  submodules), or training_step did before calling the model;
 - no module output is non-finite but the loss is: the loss computation made it;
 - the forward pass is finite but gradients are not: the backward pass made it.
 """
@@ -165,7 +166,7 @@ def locate_origin(
     module_types: dict[str, str] | None = None,
     grad_bad_parameters: Sequence[str] = (),
     forward_order: Sequence[str] = (),
-    anomaly_op: str | None = None,
+    backward_op: str | None = None,
     fp16: bool = False,
 ) -> Origin:
     """Where the non-finite value of a replayed batch was made.
@@ -177,7 +178,7 @@ def locate_origin(
         module_types: qualified module name -> type name (to name an enclosing module).
         grad_bad_parameters: parameters whose gradients were non-finite (for a backward origin).
         forward_order: module names in the order the replay called them (first call).
-        anomaly_op: the autograd function whose backward turned finite gradients non-finite.
+        backward_op: the autograd function whose backward turned finite gradients non-finite.
         fp16: whether the step ran under float16 autocast.
     """
     module_types = module_types or {}
@@ -206,7 +207,7 @@ def locate_origin(
             module=owner,
             module_type=module_types.get(owner) if owner is not None else None,
             parameters=tuple(grad_bad_parameters),
-            op=anomaly_op,
+            op=backward_op,
             fp16=fp16,
         )
     return Origin("not_reproduced", fp16=fp16)
