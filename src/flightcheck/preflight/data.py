@@ -1,0 +1,305 @@
+"""Data checks: ``nonfinite_input``, ``input_scale``, ``target_shape``, ``label_range``, ``class_imbalance``.
+
+Pure judges of tensors, and the registered checks that hand them the batch (and, for the
+checks that need the model's output, the step at initialisation).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+from flightcheck.checks import Verdict
+from flightcheck.preflight.context import LabelOutOfRange, PreflightContext
+from flightcheck.preflight.registry import Skip, register
+from flightcheck.preflight.roles import leaves, path_str
+from flightcheck.preflight.task import IGNORE_INDEX, align_classes, close, is_integer
+
+# --------------------------------------------------------------------------- nonfinite_input
+
+
+def judge_nonfinite(name: str, t: Tensor) -> Verdict | None:
+    """NaN or Inf anywhere in a floating tensor of the batch."""
+    if not torch.is_floating_point(t) or t.numel() == 0:
+        return None
+    nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+    if nan == 0 and inf == 0:
+        return None
+    rows = torch.nonzero(~torch.isfinite(t).reshape(t.shape[0], -1).all(dim=1)).flatten().tolist() if t.dim() else []
+    return Verdict(
+        "nonfinite_input", "error",
+        f"{name} holds {nan} NaN and {inf} infinite values (in {len(rows)} of its {t.shape[0] if t.dim() else 1} samples).",
+        causes=("missing values in the raw data read as NaN", "a division by zero or a log of zero in preprocessing",
+                "normalising a constant feature (std 0)"),
+        advice=("fill or drop missing values before training", "guard the preprocessing's divisions (add an epsilon)"),
+        target=name, data={"nan": nan, "inf": inf, "samples": rows[:10]},
+    )
+
+
+@register("nonfinite_input", phase="batch", summary="no NaN or Inf in inputs and targets")
+def nonfinite_input(ctx: PreflightContext) -> Iterator[Verdict]:
+    for path, t in leaves(ctx.batch):
+        verdict = judge_nonfinite(path_str(path), t)
+        if verdict is not None:
+            yield verdict
+
+
+# --------------------------------------------------------------------------- input_scale
+#: Integer-valued images reaching above this look like raw 0-255 pixels, not scaled ones.
+RAW_PIXEL_MAX = 20.0
+#: A feature whose root-mean-square exceeds this is not normalised (normalised features are ~1).
+FEATURE_SCALE_MAX = 100.0
+#: ... below this (for the largest feature) inputs are squashed towards zero.
+FEATURE_SCALE_MIN = 1e-3
+#: Features whose scales differ by this factor or more are "orders of magnitude apart": the large
+#: ones dominate the first layer's gradient.
+FEATURE_SPREAD_MAX = 1000.0
+
+
+def feature_scales(t: Tensor) -> Tensor:
+    """Root-mean-square of each feature: columns of ``(B, F)``, the last axis of ``(B, T, F)``,
+    the channels of images ``(B, C, H, W)``; a ``(B,)`` tensor is one feature."""
+    x = t.detach().float()
+    if x.dim() <= 1:
+        x = x.reshape(-1, 1)
+    elif x.dim() == 3:
+        x = x.reshape(-1, x.shape[-1])
+    elif x.dim() >= 4:
+        x = x.movedim(1, -1).reshape(-1, x.shape[1])
+    return x.square().mean(dim=0).sqrt()
+
+
+def judge_input_scale(name: str, t: Tensor) -> Verdict | None:
+    """Raw pixels, unnormalised features, or features on scales orders of magnitude apart."""
+    if not torch.is_floating_point(t) or t.numel() < 2 or not bool(torch.isfinite(t).all()):
+        return None
+    x = t.detach().float()
+    low, high = float(x.min()), float(x.max())
+    advice = ("standardise each feature with the training set's mean and std (or scale to [0, 1])",)
+    if x.dim() >= 3 and low >= 0 and RAW_PIXEL_MAX < high <= 255 and bool((x == x.round()).all()):
+        return Verdict(
+            "input_scale", "warning",
+            f"{name} holds whole numbers from {low:g} to {high:g}: raw 0-255 pixel values, not scaled ones.",
+            causes=("a missing ToTensor()/division by 255 or normalisation in the transforms",),
+            advice=("divide by 255 and normalise with the dataset's channel mean and std",),
+            target=name, data={"min": low, "max": high},
+        )
+    scales = feature_scales(x)
+    present = scales[scales > 0]
+    if present.numel() == 0:
+        return None
+    largest, smallest = float(present.max()), float(present.min())
+    which = int(torch.argmax(scales))
+    data = {"largest_scale": largest, "smallest_scale": smallest, "largest_feature": which, "features": int(scales.numel())}
+    if largest > FEATURE_SCALE_MAX:
+        return Verdict(
+            "input_scale", "warning",
+            f"{name} is not normalised: feature {which} has RMS {largest:.3g} (normalised features are ~1).",
+            causes=("features left in raw units (prices, counts, timestamps)",), advice=advice, target=name, data=data,
+        )
+    if present.numel() >= 2 and largest / smallest >= FEATURE_SPREAD_MAX:
+        return Verdict(
+            "input_scale", "warning",
+            f"{name} has feature scales {largest / smallest:.3g}x apart (RMS {smallest:.3g} to {largest:.3g}): "
+            "the large features dominate the gradient.",
+            causes=("features in different units, not standardised",), advice=advice, target=name, data=data,
+        )
+    if largest < FEATURE_SCALE_MIN:
+        return Verdict(
+            "input_scale", "warning",
+            f"{name} is squashed towards zero: its largest feature RMS is {largest:.3g}.",
+            causes=("a normalisation applied twice, or a unit conversion off by orders of magnitude",),
+            advice=advice, target=name, data=data,
+        )
+    return None
+
+
+@register("input_scale", phase="batch", summary="inputs are normalised, on comparable scales, not raw pixels")
+def input_scale(ctx: PreflightContext) -> Iterator[Verdict]:
+    for path, t in ctx.inputs:
+        verdict = judge_input_scale(path_str(path), t)
+        if verdict is not None:
+            yield verdict
+
+
+# --------------------------------------------------------------------------- target_shape
+_BROADCAST_LOSSES = {
+    "mse": F.mse_loss,
+    "l1": F.l1_loss,
+    "smooth_l1": F.smooth_l1_loss,
+    "bce_with_logits": F.binary_cross_entropy_with_logits,
+}
+
+
+def judge_target_shape(output: Tensor | None, target: Tensor | None, loss: float | None) -> Verdict | None:
+    """Output and target of different shapes that broadcast into a larger one, proven by the loss.
+
+    Only speaks when an elementwise loss on the broadcast pair reproduces the reported loss and
+    the same loss on the aligned pair does not (the user may squeeze in the step themselves).
+    """
+    if output is None or target is None or loss is None or not math.isfinite(loss):
+        return None
+    if not torch.is_floating_point(target) or output.shape == target.shape:
+        return None
+    try:
+        shape = torch.broadcast_shapes(output.shape, target.shape)
+    except RuntimeError:
+        return None
+    if math.prod(shape) <= max(output.numel(), target.numel()):
+        return None
+    o, t = output.detach().float(), target.detach().float()
+    ob, tb = torch.broadcast_tensors(o, t)
+    broadcast, aligned = {}, {}
+    with torch.no_grad():
+        for name, fn in _BROADCAST_LOSSES.items():
+            if name == "bce_with_logits" and not bool(((t == 0) | (t == 1)).all()):
+                continue
+            broadcast[name] = float(fn(ob, tb))
+            if o.numel() == t.numel():
+                aligned[name] = float(fn(o.reshape(-1), t.reshape(-1)))
+    hit = [n for n, v in broadcast.items() if close(loss, v)]
+    if not hit or any(close(loss, v) for v in aligned.values()):
+        return None
+    return Verdict(
+        "target_shape", "error",
+        f"the output {tuple(output.shape)} and the target {tuple(target.shape)} broadcast to {tuple(shape)} in the loss "
+        f"({hit[0]} = {loss:.4g}): every output is compared with every target.",
+        causes=("a trailing dimension of size 1 on the output (or the target) that the loss broadcasts",),
+        advice=("squeeze the output (output.squeeze(-1)) or unsqueeze the target so both have the same shape",),
+        data={"output_shape": list(output.shape), "target_shape": list(target.shape), "broadcast_shape": list(shape),
+              "loss": loss},
+    )
+
+
+@register("target_shape", phase="initial", summary="output and target shapes line up (no silent broadcasting)")
+def target_shape(ctx: PreflightContext) -> Iterator[Verdict]:
+    if ctx.target is None:
+        raise Skip("no target was found in the batch (name it with Preflight(target=...))")
+    record = ctx.initial
+    if record.output is None:
+        raise Skip("the model's output could not be captured (training_step calls neither self(...) nor a submodule)")
+    verdict = judge_target_shape(record.output, ctx.target, record.loss)
+    if verdict is not None:
+        yield verdict
+
+
+# --------------------------------------------------------------------------- label_range
+_OUT_OF_RANGE_WORDS = ("out of bounds", "out of range", "labelsoutofrange", "labeloutofrange")
+
+
+def judge_label_range(target: Tensor, classes: int | None, step_error: BaseException | None,
+                      stated: bool = False) -> Verdict | None:
+    """Class ids outside ``[0, classes)`` (``-100`` is ignored, as by PyTorch's losses)."""
+    valid = target[target != IGNORE_INDEX]
+    if valid.numel() == 0:
+        return None
+    low, high = int(valid.min()), int(valid.max())
+    text = f"{type(step_error).__name__}: {step_error}".lower() if step_error is not None else ""
+    crashed = step_error is not None and (isinstance(step_error, LabelOutOfRange)
+                                          or any(w in text for w in _OUT_OF_RANGE_WORDS))
+    outside = classes is not None and (low < 0 or high >= classes)
+    if not crashed and not (stated and outside):
+        return None
+    where = f"the output has {classes} classes" if classes is not None else "the loss cannot index them"
+    causes = ["labels that do not start at 0" if low >= 1 and classes is not None and high == classes else
+              "more classes in the data than the model's output size"]
+    causes.append("a label encoding that differs between the data and the model")
+    data = {"min_label": low, "max_label": high, "num_classes": classes}
+    if step_error is not None:
+        data["error"] = str(step_error)
+    return Verdict(
+        "label_range", "error",
+        f"labels run from {low} to {high} but {where}"
+        + (" (training_step failed on them)." if crashed else "."),
+        causes=tuple(causes),
+        advice=("map labels to 0..C-1", "make the last layer's size equal the number of classes"),
+        data=data,
+    )
+
+
+@register("label_range", phase="initial", summary="class ids fit the output size")
+def label_range(ctx: PreflightContext) -> Iterator[Verdict]:
+    target = ctx.target
+    if target is None:
+        raise Skip("no target was found in the batch (name it with Preflight(target=...))")
+    if not is_integer(target):
+        raise Skip("the target holds values, not class ids")
+    record = ctx.initial_record
+    stated = ctx.options.num_classes is not None
+    classes = ctx.options.num_classes
+    if classes is None and record.output is not None:
+        aligned = align_classes(record.output, target)
+        classes = aligned[0].shape[-1] if aligned is not None else None
+    error = record.error.error if record.error is not None else None
+    verdict = judge_label_range(target, classes, error, stated=stated)
+    if verdict is not None:
+        yield verdict
+
+
+# --------------------------------------------------------------------------- class_imbalance
+#: A batch this small says too little about the class balance.
+MIN_IMBALANCE_BATCH = 16
+#: One class making up this share of a batch is heavy imbalance (or a loader sorted by label).
+MAJORITY_SHARE = 0.9
+
+
+def class_counts(target: Tensor) -> Tensor | None:
+    """Counts per class of a one-label-per-sample target ((B,) ids or (B,)/(B, 1) 0/1 values)."""
+    t = target.detach()
+    if t.dim() == 2 and t.shape[1] == 1:
+        t = t[:, 0]
+    if t.dim() != 1:
+        return None
+    if is_integer(t) or t.dtype == torch.bool:
+        t = t.long()
+        t = t[t >= 0]
+        return torch.bincount(t) if t.numel() else None
+    if torch.is_floating_point(t) and bool(((t == 0) | (t == 1)).all()):
+        return torch.bincount(t.long(), minlength=2)
+    return None
+
+
+def judge_class_imbalance(target: Tensor) -> Verdict | None:
+    counts = class_counts(target)
+    if counts is None or int(counts.sum()) < MIN_IMBALANCE_BATCH:
+        return None
+    total = int(counts.sum())
+    top = int(torch.argmax(counts))
+    share = int(counts[top]) / total
+    if share < MAJORITY_SHARE:
+        return None
+    return Verdict(
+        "class_imbalance", "warning",
+        f"{int(counts[top])} of the batch's {total} samples ({share:.0%}) are class {top}.",
+        causes=("a dataset dominated by one class", "a training loader that is not shuffled over data sorted by label"),
+        advice=("shuffle the training loader", "rebalance: weight the loss or sample classes evenly (WeightedRandomSampler)",
+                "judge the model by per-class metrics, not accuracy"),
+        data={"counts": counts.tolist(), "majority_class": top, "share": share},
+    )
+
+
+@register("class_imbalance", phase="batch", summary="no single class dominates the batch")
+def class_imbalance(ctx: PreflightContext) -> Iterator[Verdict]:
+    target = ctx.target
+    if target is None:
+        raise Skip("no target was found in the batch (name it with Preflight(target=...))")
+    if class_counts(target) is None:
+        raise Skip("the target is not one class label per sample")
+    verdict = judge_class_imbalance(target)
+    if verdict is not None:
+        yield verdict
+
+
+__all__ = [
+    "class_counts",
+    "feature_scales",
+    "judge_class_imbalance",
+    "judge_input_scale",
+    "judge_label_range",
+    "judge_nonfinite",
+    "judge_target_shape",
+]
