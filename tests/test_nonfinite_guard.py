@@ -370,6 +370,19 @@ def test_the_reproducer_holds_the_batch_and_the_weights_before_the_update(tmp_pa
     assert torch.isnan(F.cross_entropy(fresh(x), y))
 
 
+def test_charts_count_bad_batches_and_skipped_updates(tmp_path):
+    import csv
+
+    guard = NonFiniteGuard(action="skip")
+    logger = CSVLogger(str(tmp_path))
+    fit(tmp_path, TinyClassifier(), poisoned_data(), guard, max_steps=8, log_every_n_steps=4, logger=logger)
+    rows = list(csv.DictReader(open(os.path.join(logger.log_dir, "metrics.csv"))))
+    charted = [(int(r["step"]), float(r["flightcheck/nonfinite/batches"]), float(r["flightcheck/nonfinite/skipped_updates"]))
+               for r in rows if r.get("flightcheck/nonfinite/batches")]
+    assert charted[0] == (3, 1.0, 0.0)  # the look at the bad step 3, before its update is dropped
+    assert charted[1] == (7, 0.0, 1.0)  # steps 4-7 are clean; one update skipped in all
+
+
 def test_the_replay_leaves_no_trace_on_the_model(tmp_path):
     class Stateful(TinyClassifier):
         def __init__(self):

@@ -278,7 +278,8 @@ class NonFiniteGuard(FlightcheckCallback):
                 return ([("data", p) for p in layout[0]] + [("loss", "loss")] * layout[1]
                         + [("metric", n) for n in layout[2]])
 
-            self._records.write("batch", layout, columns, pieces, (self._batch_step, self._batch_idx), stale)
+            self._records.write("batch", layout, columns, pieces, (self._batch_step, self._batch_idx), stale,
+                                evidence=len(layout[0]))
         self._losses, self._flushed = [], True
 
     # ------------------------------------------------------------------ deciding (skip / stop / raise)
@@ -338,12 +339,13 @@ class NonFiniteGuard(FlightcheckCallback):
         parts = [f.stats for f in folded] + self._scale.tensors()
         parts += [weight_norms] if weight_norms is not None else []
         host = _to_host(parts)
-        events, history = [], []
+        events, history, counts = [], [], {"batches": 0, "grad_steps": 0}
         for f in folded:
-            found, norms, host = f.events(host)
+            found, norms, bad_rows, host = f.events(host)
             events += found
             history += norms
-        if len({id(f) for f in folded if f._totals}) and len(self._grad_streams) == 1:
+            counts["grad_steps" if f.totals else "batches"] += bad_rows
+        if any(f.totals for f in folded) and len(self._grad_streams) == 1:
             history = self._grad_history[-1:] + history  # the last step of the previous look
             finite = [h for h in history if math.isfinite(h[1])]
             self._grad_history = finite[-1:]
@@ -353,6 +355,7 @@ class NonFiniteGuard(FlightcheckCallback):
         events = [e for e in events if e.kind != "data"]
         scale_figures, host = self._scale.figures(host)
         self._scale.reset()
+        self._chart(trainer, counts, scale_figures)
         bad_weights = _nonfinite_parameters(named, host) if weight_norms is not None else []
 
         if _loss_scaler(trainer) is not None:
@@ -431,6 +434,17 @@ class NonFiniteGuard(FlightcheckCallback):
         if verdict.target:
             self._active_targets.add(verdict.target)
         return look
+
+    def _chart(self, trainer: Any, counts: dict[str, int], scale_figures: tuple[float, float, float] | None) -> None:
+        """TensorBoard (and every logger): what this look saw, on rank 0, from numbers already on the host."""
+        scalars = {
+            "flightcheck/nonfinite/batches": counts["batches"],
+            "flightcheck/nonfinite/grad_steps": counts["grad_steps"],
+            "flightcheck/nonfinite/skipped_updates": self.skipped_steps,
+        }
+        if scale_figures is not None:
+            scalars["flightcheck/nonfinite/loss_scale_min"] = scale_figures[0]
+        self.hub(trainer).log_scalars(scalars, step=int(trainer.global_step))
 
     def _plan(self, trainer: Any, action: str, *, weights_good: bool) -> _Look:
         look = _Look(action=action)
@@ -555,14 +569,16 @@ class _Folded:
         self._width = width
         self._rows = rows
         self._stale = stale
-        self._totals = totals
+        self.totals = totals
 
-    def events(self, host: list[float]) -> tuple[list[NonFiniteEvent], list[tuple[int, float]], list[float]]:
-        """The first non-finite value of each column, the per-row norm history, the rest of ``host``."""
+    def events(self, host: list[float]) -> tuple[list[NonFiniteEvent], list[tuple[int, float]], int, list[float]]:
+        """The first non-finite value of each column, the per-row norm history, how many rows
+        held a non-finite value (data columns aside), and the rest of ``host``."""
         width = self._width
         has, first, value, host = host[:width], host[width:2 * width], host[2 * width:3 * width], host[3 * width:]
+        bad_rows, host = int(host[0]), host[1:]
         history: list[tuple[int, float]] = []
-        if self._totals:
+        if self.totals:
             history = [(row[0], total) for row, total in zip(self._rows, host[: len(self._rows)])]
             host = host[len(self._rows):]
         columns = self._columns()
@@ -577,15 +593,16 @@ class _Folded:
                 continue  # a value repeated from an earlier, already counted batch
             step, batch = self._rows[row]
             events.append(NonFiniteEvent(kind, name, step, batch, value[i]))
-        return events, history, host
+        return events, history, bad_rows, host
 
 
 class _Ring:
     """Rows of per-batch (or per-step) values of one layout, on the device until folded."""
 
     def __init__(self, layout: Hashable, columns: Callable[[], list[tuple[str, str]]], width: int, device: Any,
-                 capacity: int, totals: bool) -> None:
+                 capacity: int, totals: bool, evidence: int = 0) -> None:
         self.layout = layout
+        self.evidence = evidence  # leading columns (the batch's data) not counted as bad rows
         self.totals = totals  # keep each row's L2 norm too (the global gradient norm of a step)
         self.columns = _cached(columns)
         self.values = torch.empty((capacity, width), dtype=torch.float32, device=device)
@@ -605,7 +622,8 @@ class _Ring:
         if not self.rows:
             return None
         values = self.values[: len(self.rows)]
-        stats = first_nonfinite_rows(values).reshape(-1)
+        bad_rows = (~torch.isfinite(values[:, self.evidence:])).any(dim=1).sum().reshape(1).to(values.dtype)
+        stats = torch.cat([first_nonfinite_rows(values).reshape(-1), bad_rows])
         if self.totals:
             stats = torch.cat([stats, values.square().sum(dim=1).sqrt()])
         folded = _Folded(self.columns, stats, values.shape[1], self.rows, self.stale, self.totals)
@@ -629,15 +647,17 @@ class _Records:
         return len(self._folded) >= _MAX_FOLDED
 
     def write(self, stream: Hashable, layout: Hashable, columns: Callable[[], list[tuple[str, str]]],
-              pieces: Sequence[Tensor], row: tuple[int, int], stale: tuple[bool, ...] | None = None) -> None:
+              pieces: Sequence[Tensor], row: tuple[int, int], stale: tuple[bool, ...] | None = None,
+              evidence: int = 0) -> None:
         ring = self._rings.get(stream)
         width = sum(p.numel() for p in pieces)
         if ring is None or ring.layout != (layout, width) or len(ring.rows) >= ring.values.shape[0]:
             if ring is not None:
                 self._fold(ring)
             if ring is None or ring.layout != (layout, width):
-                ring = _Ring((layout, width), columns, width, pieces[0].device, self.capacity,
-                             totals=isinstance(stream, tuple) and stream[0] == "gradient")
+                gradients = isinstance(stream, tuple) and stream[0] == "gradient"
+                ring = _Ring((layout, width), columns, width, pieces[0].device, self.capacity, totals=gradients,
+                             evidence=0 if gradients else evidence)
                 self._rings[stream] = ring
         device = ring.values.device
         ring.write([p if p.device == device else p.to(device) for p in pieces], row, stale)
