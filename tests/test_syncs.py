@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from torch.nn import functional as F
 
-from flightcheck import GradientMonitor
+from flightcheck import GradientMonitor, NonFiniteGuard
 from flightcheck.callbacks.base import FlightcheckCallback
 from flightcheck.testing import SyncCounter
 from tests.conftest import TinyClassifier, cluster_data, loader, make_trainer
@@ -26,6 +26,7 @@ from tests.conftest import TinyClassifier, cluster_data, loader, make_trainer
 #: Monitors that must be sync-free outside logging steps, in their default configuration.
 MONITORS: list[Any] = [
     pytest.param(GradientMonitor, id="GradientMonitor"),
+    pytest.param(NonFiniteGuard, id="NonFiniteGuard"),
 ]
 
 #: Hooks Lightning calls inside a training batch: the ones that run on every step.
