@@ -101,7 +101,7 @@ def classify_curve(losses: Sequence[float], correct: Sequence[float | None] = ()
             outputs), when known: a loss that falls while it rises is being maximised.
 
     Returns ``(kind, figures)`` with ``kind`` one of ``reached``, ``falling``, ``slow``,
-    ``short`` (passing) or ``explodes``, ``maximised``, ``rises``, ``oscillates``, ``plateaus``
+    ``short`` (passing) or ``explodes``, ``maximised``, ``oscillates``, ``rises``, ``plateaus``
     (failing; ``maximised`` is a rising error behind a falling loss). The categories are
     exclusive and tested in that order. Losses may be negative.
     """
@@ -139,8 +139,6 @@ def classify_curve(losses: Sequence[float], correct: Sequence[float | None] = ()
         return "reached", figures
     if start > 0 and min(losses) <= target_fraction * start:
         return "reached", figures
-    if end > start + RISE_TOLERANCE * scale:
-        return "rises", figures
     drop = (start - end) / scale
     figures["drop"] = drop
     if drop >= PROGRESS_FRACTION:
@@ -152,6 +150,8 @@ def classify_curve(losses: Sequence[float], correct: Sequence[float | None] = ()
             and max(abs(d) for d in diffs) > SWING_FRACTION * scale
             and reversals >= REVERSAL_SHARE * max(len(diffs) - 1, 1)):
         return "oscillates", figures
+    if end > start + RISE_TOLERANCE * scale:
+        return "rises", figures
     third = max(1, len(diffs) // 3)
     early, late = -sum(diffs[:third]) / third, -sum(diffs[-third:]) / third
     falling_share = sum(1 for d in diffs if d < 0) / max(len(diffs), 1)

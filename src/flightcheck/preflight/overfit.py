@@ -19,6 +19,7 @@ import copy
 import dataclasses
 import math
 import time
+import warnings
 from typing import Any
 
 import torch
@@ -142,7 +143,9 @@ def probe_schedules(trainer: Any, advance: bool) -> list[dict[str, Any]]:
         began = time.perf_counter()
         for k in range(1, limit + 1):
             try:
-                scheduler.step()
+                with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()"
+                    warnings.simplefilter("ignore")
+                    scheduler.step()
             except Exception:  # noqa: BLE001 - e.g. OneCycleLR past its total steps
                 break
             lrs = [float(g["lr"]) for g in optimizer.param_groups]
@@ -154,8 +157,10 @@ def probe_schedules(trainer: Any, advance: bool) -> list[dict[str, Any]]:
         for group, saved in zip(optimizer.param_groups, groups):
             group.update(copy.deepcopy(saved))
         if advance:
-            for _ in range(best_k):
-                scheduler.step()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                for _ in range(best_k):
+                    scheduler.step()
         infos.append({
             "scheduler": type(scheduler).__name__,
             "interval": config.interval,
