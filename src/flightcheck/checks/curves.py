@@ -34,10 +34,11 @@ from flightcheck.signals.curves import (
     SeriesBuffer,
     best_index,
     finite_series,
-    repeating_pattern,
+    level_noise,
     level_shift,
     noise_scale,
     relative_progress,
+    repeating_pattern,
     rise_onset,
     running_median,
     slope_z,
@@ -65,9 +66,20 @@ TREND_Z = 3.0
 DIVERGENCE_RISE_FRACTION = 0.25
 #: ... exceeds this many batch-to-batch noise widths (for runs that rose from the start) ...
 DIVERGENCE_RISE_NOISE = 3.0
-#: ... and this many standard errors of the two levels. The best level is the minimum of a
-#: smoothed curve, biased low by noise, hence a margin above TREND_Z.
+#: ... and this many standard errors of the two levels (measured on the curve's own blocks,
+#: so wandering noise counts). The best level is the minimum of a smoothed curve, biased
+#: low by noise, hence a margin above TREND_Z.
 DIVERGENCE_Z = 4.0
+
+#: for a loss never below zero, a rise must also be this fraction of the way from the initial
+#: level to zero: a flat curve's drift by a fraction of a percent is no divergence however
+#: quiet its batches are.
+DIVERGENCE_SMALL_FRACTION = 0.05
+#: A loss that runs off below zero: the fall over the latest quarter of the run at least this
+#: fraction of the fall over the quarter before (healthy curves slow down far more) ...
+RUNAWAY_PACE = 0.5
+#: ... after falling this many times its initial magnitude (or noise width).
+RUNAWAY_FALL = 5.0
 
 # loss_spike: one step far above its neighbours.
 #: neighbours a step is compared with: a long memory, so that the ordinary tail of small
@@ -109,15 +121,23 @@ PLATEAU_MIN_POINTS = 64
 PLATEAU_FALLING_Z = 2.0
 #: with a known floor, the loss is "far" from it while this fraction of the initial gap remains.
 PLATEAU_REMAINING = 0.5
+#: a learning rate below this fraction of its peak has stopped learning (schedulers that end a
+#: run decay to ~0 by design, hence LR_COLLAPSE_REMAINING) ...
+LR_COLLAPSE_RATIO = 1e-3
+#: ... when at least this fraction of the planned steps is still to come.
+LR_COLLAPSE_REMAINING = 0.25
 #: without a floor, the loss is stuck when it has come down by less than one batch-to-batch
 #: noise width (the quieter of the start's and now's): no progress a user would see. Sound
 #: small-batch runs on hard data measured 1.6 widths and up; frozen or label-shuffled runs
 #: and learning rates of 1e-6 measured 0.1 to 1.8.
 PLATEAU_NOISE_WIDTHS = 1.0
 #: ... or, for a loss never below zero, by under a tenth of the way from its start to zero
-#: while under three noise widths (a learning rate of 1e-5 on a small MLP: 7%, 2.2 widths).
+#: while under three noise widths (a learning rate of 1e-5 on a small MLP: 7%, 2.2 widths),
+#: or under a twentieth of it at any noise (a zero-initialised net drifting by 0.2%: quiet
+#: batches make any drift many noise widths).
 PLATEAU_SMALL_FRACTION = 0.1
 PLATEAU_SMALL_NOISE_WIDTHS = 3.0
+PLATEAU_TINY_FRACTION = 0.05
 
 # overfitting.
 #: validation evaluations after the best one before the rise is believed (early stopping's patience).
@@ -219,6 +239,16 @@ _ADVICE = {
     ),
 }
 _REGULARIZATION_CAUSE = "too much regularization pulling the weights back (the loss settled at the untrained level)"
+_LR_COLLAPSE_CAUSE = "the learning rate decayed to almost nothing early (a scheduler stepped per batch instead of per epoch?)"
+_RUNAWAY_CAUSES = (
+    "a flipped sign: the loss is maximised instead of minimised",
+    "raw logits into nll_loss (log_softmax forgotten), or probabilities where log-probabilities belong",
+    "labels outside the loss's range (e.g. -1/+1 into BCE, which wants 0/1)",
+)
+_RUNAWAY_ADVICE = (
+    "check the sign of the loss and what goes into it (logits, log-probabilities, probabilities)",
+    "check the labels' range against what the loss expects",
+)
 _VAL_DISAGREES_CAUSE = "validation data not drawn like the training data (validation never improved)"
 _VAL_DISAGREES_ADVICE = "check that the validation split comes from the same source and preprocessing"
 
@@ -333,15 +363,24 @@ def loss_divergence(
     st = _stats(steps, values, start_step)
     if st is None:
         return None
+    runaway = _runaway(st, target)
+    if runaway is not None:
+        return runaway
     after_best = st.values.size - 1 - st.best_index
     if after_best < MIN_POINTS:
         return None
     rise = st.now - st.best
     noise = max(st.noise, 1e-12)
+    ws, wv = st.window_arrays()
     width = smoothing_width(st.values.size)
-    se = MEDIAN_SE_FACTOR * noise * math.sqrt(1.0 / width + 1.0 / st.now_points)
+    se = math.hypot(level_noise(wv, width), level_noise(wv, st.now_points))
     calm = _calm_noise(st)
-    needed = max(DIVERGENCE_RISE_FRACTION * st.best_progress, DIVERGENCE_RISE_NOISE * calm, DIVERGENCE_Z * se)
+    needed = max(
+        DIVERGENCE_RISE_FRACTION * st.best_progress,
+        DIVERGENCE_RISE_NOISE * calm,
+        DIVERGENCE_Z * se,
+        DIVERGENCE_SMALL_FRACTION * _distance_to_zero(st),
+    )
     if rise < needed:
         return None
     seg_s = st.steps[st.best_index + 1 :][-MAX_WINDOW:]
@@ -385,6 +424,40 @@ def loss_divergence(
             "trend_z": z,
             "began_step": best_step,
         },
+    )
+
+
+def _distance_to_zero(st: CurveStats) -> float:
+    """For a loss never below zero, the distance from its initial level to zero: zero bounds
+    its floor from below, so this bounds from above how far it can fall. 0 otherwise."""
+    return st.initial if st.initial > 0 and float(np.min(st.values)) >= 0.0 else 0.0
+
+
+def _runaway(st: CurveStats, target: str) -> Verdict | None:
+    """A loss falling ever faster, far below zero: it has no floor, so training minimises
+    the wrong thing (a flipped sign, logits where log-probabilities belong, labels outside
+    the loss's range). Healthy curves slow down as they fall; this one does not."""
+    v, s = st.values, st.steps
+    if v.size < 2 * MIN_POINTS or st.now >= 0.0:
+        return None
+    quarter = max(v.size // 4, 2)
+    recent_fall = float(np.median(v[-2 * quarter : -quarter]) - np.median(v[-quarter:]))
+    earlier_fall = float(np.median(v[:quarter]) - np.median(v[-2 * quarter : -quarter]))
+    fall = st.initial - st.now
+    yardstick = max(abs(st.initial), _calm_noise(st), 1e-12)
+    if not (recent_fall > 0 and recent_fall >= RUNAWAY_PACE * earlier_fall and fall >= RUNAWAY_FALL * yardstick):
+        return None
+    began = _step(s[int(np.flatnonzero(v < st.initial - yardstick)[0])]) if np.any(v < st.initial - yardstick) else _step(s[0])
+    return Verdict(
+        "loss_divergence",
+        Severity.ERROR,
+        f"{target} keeps falling without slowing down, from {_g(st.initial)} to {_g(st.now)}: "
+        "a loss with no floor is being minimised, so training optimises the wrong thing.",
+        causes=_RUNAWAY_CAUSES,
+        advice=_RUNAWAY_ADVICE,
+        target=target,
+        data={"initial": st.initial, "now": st.now, "recent_fall": recent_fall, "earlier_fall": earlier_fall,
+              "shape": "runaway_fall", "began_step": began},
     )
 
 
@@ -533,18 +606,26 @@ def _no_progress(st: CurveStats) -> tuple[bool, float]:
 
     Stuck means progress (since the first points, or between the first and last thirds)
     under :data:`PLATEAU_NOISE_WIDTHS` noise widths; or, for a loss that has never been
-    negative, under :data:`PLATEAU_SMALL_FRACTION` of the way from the initial loss to zero
-    and under :data:`PLATEAU_SMALL_NOISE_WIDTHS` noise widths. (Zero bounds such a loss's
-    floor from below, so that fraction understates the progress toward the real floor.)
+    negative, under :data:`PLATEAU_TINY_FRACTION` of the way from the initial loss to zero,
+    or under :data:`PLATEAU_SMALL_FRACTION` of it and :data:`PLATEAU_SMALL_NOISE_WIDTHS`
+    noise widths. (Zero bounds such a loss's floor from below, so these fractions understate
+    the progress toward the real floor.)
     """
-    drop, _ = level_shift(st.values, noise=st.noise)
-    progress = max(st.progress, -drop)
     calm = max(_calm_noise(st), 1e-12)
+    drop, _ = level_shift(st.values, noise=st.noise)
+    first_third = float(np.median(st.values[: max(st.values.size // 3, 1)]))
+    # The thirds steady a noisy start, unless the early run was worse than its start (it blew
+    # up first): then only the start itself says where the run began.
+    start = float(np.median(st.values[:INITIAL_POINTS]))
+    blew_up_first = first_third > max(start, st.initial) + PLATEAU_NOISE_WIDTHS * calm
+    progress = st.progress if blew_up_first else max(st.progress, -drop)
     widths = progress / calm
     if widths <= PLATEAU_NOISE_WIDTHS:
         return True, widths
-    nonnegative = bool(np.min(st.values) >= 0.0) and st.initial > 0
-    small = nonnegative and progress <= PLATEAU_SMALL_FRACTION * st.initial and widths <= PLATEAU_SMALL_NOISE_WIDTHS
+    to_zero = _distance_to_zero(st)
+    small = progress <= PLATEAU_TINY_FRACTION * to_zero or (
+        progress <= PLATEAU_SMALL_FRACTION * to_zero and widths <= PLATEAU_SMALL_NOISE_WIDTHS
+    )
     return small, widths
 
 
@@ -554,6 +635,7 @@ def loss_plateau(
     *,
     start_step: float = 0.0,
     floor: float | None = None,
+    lr_collapsed_step: float | None = None,
     target: str = "train_loss",
 ) -> Verdict | None:
     """No real progress after warm-up while the loss is still far from its floor.
@@ -563,6 +645,8 @@ def loss_plateau(
     smoothing) the loss is far from it while :data:`PLATEAU_REMAINING` of the initial gap
     remains. Without one, a curve that has flattened may simply have converged, so the
     plateau must be at the starting level: no significant progress since the first steps.
+    With ``lr_collapsed_step`` (see :func:`lr_collapsed`), a flat window after it is a
+    plateau wherever the loss stands: learning stopped because the steps did.
     """
     st = _stats(steps, values, start_step)
     if st is None or st.judged < PLATEAU_MIN_POINTS:
@@ -571,7 +655,12 @@ def loss_plateau(
     change, z = slope_z(ws, wv, noise=max(st.noise, 1e-12))
     if change < 0 and -z >= PLATEAU_FALLING_Z:
         return None  # still coming down, if slowly: not a plateau yet
-    if floor is not None:
+    causes = _CAUSES["loss_plateau"]
+    if lr_collapsed_step is not None and ws[0] >= lr_collapsed_step:
+        progress = float("nan")
+        detail = f"the learning rate fell below {LR_COLLAPSE_RATIO:g} of its peak at step {_step(lr_collapsed_step)}"
+        causes = (_LR_COLLAPSE_CAUSE,) + causes
+    elif floor is not None:
         progress = relative_progress(st.initial, st.now, floor)
         if not (math.isfinite(progress) and 1.0 - progress >= PLATEAU_REMAINING):
             return None
@@ -588,13 +677,14 @@ def loss_plateau(
         "loss_plateau",
         Severity.WARNING,
         message,
-        causes=_CAUSES["loss_plateau"],
+        causes=causes,
         advice=_ADVICE["loss_plateau"],
         target=target,
         data={
             "initial": st.initial,
             "now": st.now,
             "floor": floor,
+            "lr_collapsed_step": lr_collapsed_step,
             "progress": progress,
             "window_change": change,
             "trend_z": z,
@@ -602,6 +692,15 @@ def loss_plateau(
             "began_step": began,
         },
     )
+
+
+def lr_collapsed(lr: float, peak_lr: float, step: float, planned_steps: float | None) -> bool:
+    """Whether the learning rate has fallen to almost nothing with much of the run to go:
+    below :data:`LR_COLLAPSE_RATIO` of its peak with :data:`LR_COLLAPSE_REMAINING` of the
+    planned steps left (a decay to zero at the very end, by design, does not count)."""
+    if not (peak_lr > 0 and planned_steps and math.isfinite(planned_steps) and planned_steps > 0):
+        return False
+    return lr <= LR_COLLAPSE_RATIO * peak_lr and 1.0 - step / planned_steps >= LR_COLLAPSE_REMAINING
 
 
 def _plateau_start(st: CurveStats) -> int:
@@ -620,24 +719,29 @@ def classify_train_curve(
     start_step: float = 0.0,
     since_step: float | None = None,
     floor: float | None = None,
+    periodic_schedule: bool = False,
+    lr_collapsed_step: float | None = None,
     target: str = "train_loss",
 ) -> list[Verdict]:
     """The shape verdicts of one training curve, mutually exclusive.
 
     At most one of ``loss_divergence``, ``loss_oscillation``, ``loss_plateau``, in that
     order; ``loss_spike`` (new spikes after ``since_step``) unless the curve diverges.
+    ``periodic_schedule=True`` (a cyclic learning rate or warm restarts) leaves out
+    ``loss_oscillation``: the schedule itself makes the loss repeat.
     """
     st = _stats(steps, values, start_step)
     if st is None:
         return []
-    for judge in (loss_divergence, loss_oscillation):
+    judges = (loss_divergence,) if periodic_schedule else (loss_divergence, loss_oscillation)
+    for judge in judges:
         verdict = judge(st, target=target)
         if verdict is not None:
             if verdict.check == "loss_divergence":
                 return [verdict]
             return [verdict, *_spike_list(st, since_step, target)]
     verdicts = _spike_list(st, since_step, target)
-    plateau = loss_plateau(st, floor=floor, target=target)
+    plateau = loss_plateau(st, floor=floor, lr_collapsed_step=lr_collapsed_step, target=target)
     return ([plateau] if plateau is not None else []) + verdicts
 
 
@@ -969,6 +1073,10 @@ class CurveWatch:
         self._reported: dict[str, str] = {}  # -> severity reported
         self.problems: list[Problem] = []
         self.evaluations = 0
+        #: set when the learning rate cycles or restarts: repeating swings are then expected
+        self.periodic_schedule = False
+        #: the step where the learning rate collapsed early (:func:`lr_collapsed`), if it did
+        self.lr_collapsed_at: float | None = None
 
     # ------------------------------------------------------------------ feeding
     def add_train(self, steps: ArrayLike, values: ArrayLike) -> None:
@@ -986,6 +1094,27 @@ class CurveWatch:
         """Extend the warm-up to ``step`` (e.g. while the learning rate is still rising)."""
         self.start_step = max(self.start_step, float(step))
 
+    # ------------------------------------------------------------------ instruments
+    def level(self) -> float | None:
+        """The training loss's current level (median of the latest points), if any."""
+        steps, values = self.train.arrays()
+        st = curve_stats(steps, values, start_step=0.0)
+        return None if st is None else st.now
+
+    def figures(self) -> dict[str, float]:
+        """The training curve's instruments now: smoothed level, trend and noise."""
+        steps, values = self.train.arrays()
+        st = curve_stats(steps, values, start_step=0.0)
+        if st is None:
+            return {}
+        ws, wv = st.window_arrays()
+        slope, _ = theil_sen(ws, wv)
+        return {
+            "train_loss_smoothed": st.now,
+            "train_loss_trend_per_1k_steps": 1000.0 * slope,
+            "train_loss_noise": st.noise,
+        }
+
     # ------------------------------------------------------------------ judging
     def look(self, *, train: bool = True, val_names: Iterable[str] | None = None) -> list[Verdict]:
         """Every verdict the series support now, without confirmation.
@@ -999,7 +1128,14 @@ class CurveWatch:
         verdicts: list[Verdict] = []
         if st is not None:
             since = self.spike_checked_to if train else steps[-1]
-            verdicts = classify_train_curve(st, since_step=since, floor=self.floor, target=self.train_name)
+            verdicts = classify_train_curve(
+                st,
+                since_step=since,
+                floor=self.floor,
+                periodic_schedule=self.periodic_schedule,
+                lr_collapsed_step=self.lr_collapsed_at,
+                target=self.train_name,
+            )
             if train:
                 self.spike_checked_to = float(steps[-1])
         else:
@@ -1008,7 +1144,7 @@ class CurveWatch:
             explosion = loss_divergence(early, target=self.train_name) if early is not None else None
             if explosion is not None and Severity.coerce(explosion.severity) is Severity.ERROR:
                 verdicts = [explosion]
-        blocked = any(v.check in ("loss_divergence", "loss_plateau") for v in verdicts)
+        blocked = any(v.check == "loss_divergence" for v in verdicts)
         if st is not None and not blocked and (self.baseline is not None or self.target_error is not None):
             under = underfitting(st, baseline=self.baseline, target_error=self.target_error, target=self.train_name)
             if under is not None:
@@ -1096,6 +1232,8 @@ class CurveWatch:
             "reported": dict(self._reported),
             "problems": [p.to_dict() for p in self.problems],
             "evaluations": self.evaluations,
+            "periodic_schedule": self.periodic_schedule,
+            "lr_collapsed_at": self.lr_collapsed_at,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -1124,6 +1262,9 @@ class CurveWatch:
             for d in state.get("problems", [])
         ]
         self.evaluations = int(state.get("evaluations", 0))
+        self.periodic_schedule = bool(state.get("periodic_schedule", False))
+        collapsed = state.get("lr_collapsed_at")
+        self.lr_collapsed_at = None if collapsed is None else float(collapsed)
 
 
 # ----------------------------------------------------------------------------- diagnosis
@@ -1413,6 +1554,7 @@ __all__ = [
     "loss_oscillation",
     "loss_plateau",
     "loss_spike",
+    "lr_collapsed",
     "overfitting",
     "train_levels_at",
     "underfitting",

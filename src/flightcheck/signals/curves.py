@@ -105,6 +105,24 @@ def noise_scale(values: ArrayLike, width: int = 5) -> float:
     return robust_scale(v - running_median(v, width))
 
 
+def level_noise(values: ArrayLike, points: int) -> float:
+    """The standard error of a ``points``-point median level, measured on the series itself.
+
+    The series is cut into blocks of ``points``; the spread of the block medians around
+    their own running median is the error. Losses wander (the weights drift), so their noise
+    is correlated from step to step and the independent-noise formula ``1.25 σ/√n`` is too
+    optimistic; this one is not. Falls back to that formula with fewer than five blocks.
+    """
+    v = np.asarray(values, dtype=np.float64)
+    points = max(int(points), 1)
+    blocks = v.size // points
+    iid = MEDIAN_SE_FACTOR * noise_scale(v) / np.sqrt(points)
+    if blocks < 5:
+        return float(iid)
+    medians = np.median(v[v.size - blocks * points :].reshape(blocks, points), axis=1)
+    return float(max(robust_scale(medians - running_median(medians, 5)), iid))
+
+
 def block_medians(steps: ArrayLike, values: ArrayLike, blocks: int) -> tuple[np.ndarray, np.ndarray]:
     """The series cut into ``blocks`` consecutive blocks, each reduced to its median step and value."""
     s = np.asarray(steps, dtype=np.float64)
@@ -355,6 +373,7 @@ __all__ = [
     "ema",
     "finite_series",
     "iqr",
+    "level_noise",
     "autocorrelation",
     "level_shift",
     "noise_scale",
