@@ -226,6 +226,17 @@ def test_a_logged_metric_alone_going_nan_is_a_warning_and_no_update_is_skipped(t
     assert guard.skipped_steps == 0 and trainer.global_step == 6
 
 
+def test_huge_but_finite_gradients_are_not_called_non_finite(tmp_path):
+    class HugeLoss(TinyClassifier):
+        def training_step(self, batch, batch_idx):
+            return super().training_step(batch, batch_idx) * 1e25  # gradient norms overflow float32
+
+    guard = NonFiniteGuard(action="skip")
+    trainer = fit(tmp_path, HugeLoss(optimizer="adam"), cluster_data(), guard, max_steps=6, log_every_n_steps=2)
+    assert guard.skipped_steps == 0 and trainer.global_step == 6
+    assert guard.findings == []
+
+
 # ------------------------------------------------------------------ actions
 def test_warn_reports_once_and_lets_training_continue(tmp_path):
     guard = NonFiniteGuard()

@@ -177,6 +177,7 @@ class NonFiniteGuard(FlightcheckCallback):
         self._batches_since_look = 0
         self._last_bad_step = -1
         self._grad_streams: set[int] = set()
+        self._norm_overflows: set[int] = set()
         self._grad_history: list[tuple[int, float]] = []
 
     # ------------------------------------------------------------------ hooks
@@ -296,6 +297,8 @@ class NonFiniteGuard(FlightcheckCallback):
         bad_grads = bool(read[-1]) if grads_bad is not None else False
         if bad_grads and not bad_loss:
             bad_grads = _gradients_really_nonfinite(params, norms)
+            if not bad_grads:
+                self._norm_overflows.add(self._batch_step)  # an explosion, for GradientMonitor
         bad = bool(trainer.strategy.reduce_boolean_decision(bad_loss or bad_grads, all=False))
         if bad:
             self._act(trainer, optimizer, self._look(trainer, pl_module, pre_step=True, acting=True, forced=True))
@@ -360,8 +363,11 @@ class NonFiniteGuard(FlightcheckCallback):
 
         if _loss_scaler(trainer) is not None:
             events = [e for e in events if e.kind != "gradient"]  # overflow steps the scaler skips
-        elif pre_step:
-            events = _drop_norm_overflows(events, named, self._batch_step)
+        else:
+            if pre_step:
+                events = _drop_norm_overflows(events, named, self._batch_step)
+            events = [e for e in events if not (e.kind == "gradient" and e.step in self._norm_overflows)]
+        self._norm_overflows.clear()
         events += [NonFiniteEvent("weight", n, self._batch_step, self._batch_idx) for n in bad_weights]
         if any(e.kind in ("loss", "gradient") for e in events):
             self._last_bad_step = max(e.step for e in events if e.kind in ("loss", "gradient"))
@@ -985,12 +991,14 @@ def _input_stats(tensors: list[Tensor]) -> Tensor | None:
     if not tensors:
         return None
     device = tensors[0].device
+    inf = float("inf")
     rows = [
-        torch.stack([torch.isfinite(t).all().float(), t.min().float(), t.max().float(), (t == 0).any().float()])
+        torch.stack([torch.isfinite(t).all().float(), t.min().float(), t.max().float(), (t == 0).any().float(),
+                     torch.isnan(t).any().float(), (t.abs() == inf).any().float()])
         for t in tensors
     ]
     stats = torch.stack([r.to(device) for r in rows])
-    return torch.stack([stats[:, 0].min(), stats[:, 1].min(), stats[:, 2].max(), stats[:, 3].max()])
+    return torch.cat([stats[:, :1].min(0).values, stats[:, 1:2].min(0).values, stats[:, 2:].max(0).values])
 
 
 def _output_stats(tensors: list[Tensor]) -> Tensor | None:
@@ -1048,13 +1056,13 @@ class _ForwardRecorder:
         host = _to_host(parts)
         calls = []
         for name, type_name, inputs, outputs, dtype in self._records:
-            i = host[:4] if inputs is not None else [1.0, 0.0, 0.0, 0.0]
-            host = host[4:] if inputs is not None else host
+            i = host[:6] if inputs is not None else [1.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+            host = host[6:] if inputs is not None else host
             o = host[:4] if outputs is not None else [1.0, 0.0, 0.0, 0.0]
             host = host[4:] if outputs is not None else host
             calls.append(ModuleCall(
                 name=name, type=type_name, inputs_finite=i[0] > 0.5, outputs_finite=o[0] > 0.5,
-                input_min=i[1], input_max=i[2], input_has_zero=i[3] > 0.5,
+                input_min=i[1], input_max=i[2], input_has_zero=i[3] > 0.5, input_nan=i[4] > 0.5, input_inf=i[5] > 0.5,
                 output_nan=o[1] > 0.5, output_posinf=o[2] > 0.5, output_neginf=o[3] > 0.5, output_dtype=dtype,
             ))
         return calls

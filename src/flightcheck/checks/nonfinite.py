@@ -99,6 +99,8 @@ class ModuleCall:
     input_min: float = 0.0
     input_max: float = 0.0
     input_has_zero: bool = False
+    input_nan: bool = False
+    input_inf: bool = False
     output_nan: bool = False
     output_posinf: bool = False
     output_neginf: bool = False
@@ -244,6 +246,14 @@ _CAUSE_DIV = "division by zero or by a tiny number (a norm, std, count or varian
 _CAUSE_FP16 = "float16 overflow: a value above 65504 under 16-bit autocast"
 _CAUSE_LR = "learning rate too high: weights and activations grew until they overflowed"
 _CAUSE_DATA = "NaN/Inf in the data (missing values, a division by zero in preprocessing, a corrupt sample)"
+_CAUSE_ZERO_BY_ZERO = "0/0 (e.g. standardising by a std or norm that is 0), inf - inf, or 0 * inf"
+_CAUSE_OVERFLOW = "activations or weights grew past the float range (learning rate too high, exploding values)"
+
+#: Layers that only multiply and add: from finite inputs they make inf only by overflowing.
+AFFINE_LAYERS = frozenset({
+    "Linear", "Bilinear", "LazyLinear", "Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d",
+    "ConvTranspose3d", "Embedding", "EmbeddingBag", "RNN", "LSTM", "GRU", "MultiheadAttention",
+})
 
 
 def gradient_trend(history: Sequence[tuple[int, float]], first_bad_step: int) -> tuple[int, float, int, float] | None:
@@ -294,7 +304,15 @@ def likely_causes(origin: Origin, diverging: bool | None = None) -> list[str]:
         return ["the logged value is computed with a division by a count or sum that can be 0 (e.g. an empty class)"]
     call = origin.call
     causes: list[str] = []
-    if call is not None and call.inputs_finite:
+    if origin.kind == "between_modules" and call is not None:
+        # what the first module received says what the code before it did
+        if call.input_nan:
+            causes += [_CAUSE_ZERO_BY_ZERO, _CAUSE_LOG_NEG]
+        if call.input_inf:
+            causes += [_CAUSE_EXP, _CAUSE_DIV, _CAUSE_LOG_ZERO]
+    elif call is not None and call.inputs_finite and call.type in AFFINE_LAYERS:
+        causes += [_CAUSE_OVERFLOW] + ([_CAUSE_FP16] if origin.fp16 else [])
+    elif call is not None and call.inputs_finite:
         limit = EXP_OVERFLOW_INPUT.get(_dtype(call.output_dtype), 88.7)
         if call.output_neginf and call.input_has_zero:
             causes.append(_CAUSE_LOG_ZERO)
@@ -561,6 +579,7 @@ def loss_scale_verdict(
 
 
 __all__ = [
+    "AFFINE_LAYERS",
     "CHECK",
     "DIVERGENCE_GROWTH",
     "DEFAULT_MIN_LOSS_SCALE",
