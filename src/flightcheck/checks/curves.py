@@ -751,6 +751,16 @@ def _spike_list(st: CurveStats, since_step: float | None, target: str) -> list[V
 
 
 # ----------------------------------------------------------------------------- two curves
+def best_evaluation(values: ArrayLike) -> int:
+    """The index of a validation series' best (lowest) evaluation: the lowest raw point next
+    to the lowest point of its 3-point running median, so one lucky evaluation far from the
+    rest does not stand for the best, yet the step reported is one that was evaluated."""
+    v = np.asarray(values, dtype=np.float64)
+    centre = int(np.argmin(running_median(v, 3)))
+    lo = max(centre - 1, 0)
+    return lo + int(np.argmin(v[lo : centre + 2]))
+
+
 def train_levels_at(
     train_steps: ArrayLike, train_values: ArrayLike, at_steps: ArrayLike
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -800,8 +810,7 @@ def overfitting(
     val = sign * vv
     smooth = running_median(val, 3)
     smooth_best = int(np.argmin(smooth))
-    lo = max(smooth_best - 1, 0)
-    bi = lo + int(np.argmin(val[lo : smooth_best + 2]))  # the best raw point near the smoothed best
+    bi = best_evaluation(val)
     after = val.size - 1 - bi
     if after < OVERFIT_PATIENCE:
         return None
@@ -1408,7 +1417,7 @@ def _diagnosis(
     if val_name is not None and val_name in watch.vals:
         vs, vv = watch.vals[val_name].arrays()
         if vv.size:
-            bi = int(np.argmin(running_median(vv, 3)))
+            bi = best_evaluation(vv)
             val_final = float(vv[-1])
             val_summary = {
                 "name": val_name,
@@ -1543,6 +1552,7 @@ def diagnose(
 __all__ = [
     "CurveStats",
     "CurveWatch",
+    "best_evaluation",
     "Diagnosis",
     "Problem",
     "Update",
