@@ -214,7 +214,9 @@ def test_training_step_returning_none_on_the_first_batch_skips_the_loss_checks(t
     assert "no loss" in cb.last_report["overfit_batch"].message
 
 
-@pytest.mark.parametrize("kwargs", [{"precision": "bf16-mixed"}, {"accumulate_grad_batches": 2, "gradient_clip_val": 0.5}])
+@pytest.mark.parametrize(
+    "kwargs", [{"precision": "bf16-mixed"}, {"accumulate_grad_batches": 2, "gradient_clip_val": 0.5}]
+)
 def test_mixed_precision_accumulation_and_clipping_stay_quiet(tmp_path, kwargs):
     cb = Preflight()
     _fit(tmp_path, TinyClassifier(optimizer="adam", lr=1e-2), [cb], logger=False, **kwargs)
@@ -241,3 +243,29 @@ def test_no_train_dataloader_batch_skips_with_a_reason(tmp_path):
 
 def test_default_callbacks_include_it():
     assert any(isinstance(c, Preflight) for c in flightcheck.default_callbacks())
+
+
+class _DumpReport(pl.Callback):
+    def __init__(self, folder):
+        self.folder = folder
+
+    def on_fit_start(self, trainer, pl_module):
+        report = next(c for c in trainer.callbacks if isinstance(c, Preflight)).last_report
+        with open(os.path.join(self.folder, f"rank{trainer.global_rank}.json"), "w") as f:
+            json.dump({"steps": report.info["overfit"]["steps"], "rows": [r.status.value for r in report.rows]}, f)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_ddp_ranks_take_the_same_steps_and_agree(tmp_path):
+    trainer = make_trainer(
+        tmp_path,
+        [Preflight(), _DumpReport(str(tmp_path))],
+        max_steps=1,
+        logger=False,
+        strategy="ddp_fork",
+        devices=2,
+        deterministic=False,
+    )
+    trainer.fit(TinyClassifier(optimizer="adam", lr=1e-2), loader(*cluster_data(n=64), batch_size=16))
+    reports = [json.load(open(os.path.join(tmp_path, f"rank{r}.json"))) for r in (0, 1)]
+    assert reports[0] == reports[1] and reports[0]["steps"] > 0

@@ -32,7 +32,10 @@ torch.manual_seed(0)
 
 def _decay(start, rate, n, noise=0.0, floor=0.0):
     g = torch.Generator().manual_seed(1)
-    return [floor + (start - floor) * math.exp(-rate * i) * (1 + noise * float(torch.randn(1, generator=g))) for i in range(n)]
+    return [
+        floor + (start - floor) * math.exp(-rate * i) * (1 + noise * float(torch.randn(1, generator=g)))
+        for i in range(n)
+    ]
 
 
 # --------------------------------------------------------------------------- overfit curve
@@ -154,7 +157,10 @@ def test_softmax_over_the_batch_axis_is_caught():
 def test_sigmoid_into_bce_with_logits_is_caught():
     z, y = torch.randn(64) * 3, (torch.rand(64) > 0.5).float()
     p = torch.sigmoid(z)
-    assert "sigmoid is applied twice" in judge_output_activation(p, y, float(F.binary_cross_entropy_with_logits(p, y))).message
+    assert (
+        "sigmoid is applied twice"
+        in judge_output_activation(p, y, float(F.binary_cross_entropy_with_logits(p, y))).message
+    )
     assert judge_output_activation(p, y, float(F.binary_cross_entropy(p, y))) is None
 
 
@@ -218,13 +224,26 @@ def test_nonfinite_inputs_name_the_samples():
 
 # --------------------------------------------------------------------------- gradients and weights
 def _flags(**kinds):
-    table = {"ok": (True, True, True), "none": (False, False, True), "zero": (True, False, True), "nan": (True, True, False)}
+    table = {
+        "ok": (True, True, True),
+        "none": (False, False, True),
+        "zero": (True, False, True),
+        "nan": (True, True, False),
+    }
     return {name: GradientFlags(*table[kind], numel=10) for name, kind in kinds.items()}
 
 
 def test_gradient_flow_names_what_is_wrong_grouped_by_module():
-    flags = _flags(**{"enc.0.weight": "none", "enc.0.bias": "none", "head.weight": "ok", "mid.weight": "zero",
-                      "out.weight": "nan", "extra.weight": "ok"})
+    flags = _flags(
+        **{
+            "enc.0.weight": "none",
+            "enc.0.bias": "none",
+            "head.weight": "ok",
+            "mid.weight": "zero",
+            "out.weight": "nan",
+            "extra.weight": "ok",
+        }
+    )
     in_opt = {"enc.0.weight", "enc.0.bias", "head.weight", "mid.weight", "out.weight"}
     verdicts = {v.target: v for v in judge_gradient_flow(flags, in_opt, steps=5)}
     assert verdicts["no_gradient"].severity == "error" and "enc.0 (weight, bias)" in verdicts["no_gradient"].message
@@ -235,7 +254,9 @@ def test_gradient_flow_names_what_is_wrong_grouped_by_module():
 
 def test_a_backbone_frozen_by_eval_and_no_grad_is_a_note_not_a_failure():
     flags = _flags(**{"backbone.weight": "none", "head.weight": "ok"})
-    (v,) = judge_gradient_flow(flags, {"backbone.weight", "head.weight"}, steps=5, frozen_on_purpose={"backbone.weight"})
+    (v,) = judge_gradient_flow(
+        flags, {"backbone.weight", "head.weight"}, steps=5, frozen_on_purpose={"backbone.weight"}
+    )
     assert v.severity == "info"
 
 

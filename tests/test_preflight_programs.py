@@ -18,7 +18,9 @@ from .conftest import cluster_data
 
 
 def _loader(*tensors, batch_size=32):
-    return DataLoader(TensorDataset(*tensors), batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(0))
+    return DataLoader(
+        TensorDataset(*tensors), batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(0)
+    )
 
 
 def _images(n=64, classes=4):
@@ -61,8 +63,14 @@ class MLP(Program):
     def __init__(self, hidden=32, classes=3, dropout=0.0, smoothing=0.0, dim=8):
         super().__init__()
         self.smoothing = smoothing
-        self.net = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, hidden),
-                                 nn.ReLU(), nn.Linear(hidden, classes))
+        self.net = nn.Sequential(
+            nn.Linear(dim, hidden),
+            nn.ReLU(),
+            nn.Dropout(dropout),
+            nn.Linear(hidden, hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, classes),
+        )
 
     def forward(self, x):
         return self.net(x)
@@ -75,8 +83,16 @@ class MLP(Program):
 class CNN(Program):
     def __init__(self):
         super().__init__()
-        self.features = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
-                                      nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1))
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 8, 3, padding=1),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(8, 8, 3, padding=1),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+        )
         self.head = nn.Sequential(nn.Flatten(), nn.Dropout(0.5), nn.Linear(8, 4))
 
     def forward(self, x):
@@ -208,8 +224,14 @@ class DictData(Dataset):
 
 HEALTHY = {
     "mlp, adam 1e-3": (MLP, lambda: _loader(*cluster_data(n=64))),
-    "mlp, adam 3e-4, small noisy batches, dropout": (lambda: MLP(dropout=0.3), lambda: _loader(*cluster_data(n=64), batch_size=4)),
-    "mlp, label smoothing, 10 classes": (lambda: MLP(classes=10, smoothing=0.2), lambda: _loader(*cluster_data(n=64, classes=10))),
+    "mlp, adam 3e-4, small noisy batches, dropout": (
+        lambda: MLP(dropout=0.3),
+        lambda: _loader(*cluster_data(n=64), batch_size=4),
+    ),
+    "mlp, label smoothing, 10 classes": (
+        lambda: MLP(classes=10, smoothing=0.2),
+        lambda: _loader(*cluster_data(n=64, classes=10)),
+    ),
     "mlp, large-batch sgd": (LargeBatchSGD, lambda: _loader(*cluster_data(n=256), batch_size=256)),
     "cnn with batch norm and dropout": (CNN, lambda: _loader(*_images())),
     "gru on token ids": (Recurrent, lambda: _loader(*_tokens())),
@@ -410,3 +432,41 @@ def test_seeded_bug_is_reported_by_its_check(name):
     row = report[check]
     assert row.status.value in ("fail", "warn"), f"{check}: {row.status.value} {row.message}"
     assert row.verdicts and all(v.check == check for v in row.verdicts)
+
+
+class KeywordTokens(Program):
+    """Token ids and a mask in a dict batch, the model called with keyword arguments."""
+
+    def __init__(self, mix=False):
+        super().__init__()
+        self.mix = mix
+        self.emb = nn.Embedding(30, 16)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, input_ids, attention_mask):
+        h = self.emb(input_ids) * attention_mask[..., None]
+        if self.mix:  # pooled over the batch instead of the sequence: a bug
+            h = h - h.mean(0, keepdim=True)
+        return self.head(h.sum(1) / attention_mask.sum(1, keepdim=True))
+
+    def training_step(self, batch, batch_idx):
+        return F.cross_entropy(
+            self(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]), batch["labels"]
+        )
+
+
+class KeywordData(Dataset):
+    def __init__(self):
+        self.x, self.y = _tokens()
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.x[i], "attention_mask": torch.ones(12, dtype=torch.long), "labels": self.y[i]}
+
+
+@pytest.mark.parametrize("mix", [False, True])
+def test_token_ids_given_as_keywords_are_followed_through_the_embedding(mix):
+    report = run_preflight(KeywordTokens(mix), DataLoader(KeywordData(), batch_size=16), checks=["batch_independence"])
+    assert report["batch_independence"].status.value == ("fail" if mix else "pass")

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from flightcheck.callbacks.preflight import Preflight
 from flightcheck.preflight.fetch import first_batch
-from flightcheck.preflight.sandbox import Snapshot, sandbox
+from flightcheck.preflight.sandbox import Snapshot
 
 from .conftest import cluster_data, make_trainer
 
@@ -26,8 +26,9 @@ class StatefulNet(pl.LightningModule):
 
     def __init__(self, hidden: int = 16) -> None:
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(8, hidden), nn.BatchNorm1d(hidden), nn.ReLU(), nn.Dropout(0.3),
-                                 nn.Linear(hidden, 3))
+        self.net = nn.Sequential(
+            nn.Linear(8, hidden), nn.BatchNorm1d(hidden), nn.ReLU(), nn.Dropout(0.3), nn.Linear(hidden, 3)
+        )
         self.seen_steps = 0
         self.carry = torch.zeros(3)
 
@@ -49,21 +50,38 @@ class StatefulNet(pl.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": warmup, "interval": "step"}}
 
 
-def _train(tmp_path, callbacks, steps: int = 12):
+class ManualStatefulNet(StatefulNet):
+    """The same, optimised by hand: the step calls the optimizer and the scheduler itself."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        opt, sched = self.optimizers(), self.lr_schedulers()
+        loss = super().training_step(batch, batch_idx)
+        opt.zero_grad()
+        self.manual_backward(loss)
+        opt.step()
+        sched.step()
+
+
+def _train(tmp_path, callbacks, steps: int = 12, model_class=StatefulNet):
     pl.seed_everything(7)
     x, y = cluster_data(n=128)
     # one loader object, shuffled by its own generator: a pre-flight that iterated it would shift it
     data = DataLoader(TensorDataset(x, y), batch_size=16, shuffle=True, generator=torch.Generator().manual_seed(3))
-    model = StatefulNet()
+    model = model_class()
     trainer = make_trainer(tmp_path, callbacks, max_steps=steps, logger=False)
     trainer.fit(model, data)
     draws = (torch.rand(1).item(), random.random(), float(np.random.rand()))
     return model, trainer, draws
 
 
-def test_training_after_preflight_is_bit_identical(tmp_path):
-    plain, plain_trainer, plain_draws = _train(tmp_path / "a", [])
-    checked, checked_trainer, checked_draws = _train(tmp_path / "b", [Preflight()])
+@pytest.mark.parametrize("model_class", [StatefulNet, ManualStatefulNet])
+def test_training_after_preflight_is_bit_identical(tmp_path, model_class):
+    plain, plain_trainer, plain_draws = _train(tmp_path / "a", [], model_class=model_class)
+    checked, checked_trainer, checked_draws = _train(tmp_path / "b", [Preflight()], model_class=model_class)
     report = checked_trainer.callbacks[0].last_report
     assert report is not None and not report.failed and report["overfit_batch"].verdicts  # it really trained
     a, b = plain.state_dict(), checked.state_dict()
@@ -75,7 +93,10 @@ def test_training_after_preflight_is_bit_identical(tmp_path):
         for k in opt_a["state"][p]:
             assert torch.equal(opt_a["state"][p][k], opt_b["state"][p][k]), (p, k)
     assert opt_a["param_groups"] == opt_b["param_groups"]
-    assert plain_trainer.lr_scheduler_configs[0].scheduler.state_dict() == checked_trainer.lr_scheduler_configs[0].scheduler.state_dict()
+    assert (
+        plain_trainer.lr_scheduler_configs[0].scheduler.state_dict()
+        == checked_trainer.lr_scheduler_configs[0].scheduler.state_dict()
+    )
     assert plain.seen_steps == checked.seen_steps
     assert torch.equal(plain.carry, checked.carry)
     assert plain_draws == checked_draws
@@ -184,6 +205,8 @@ def test_report_gives_the_snapshot_size(tmp_path, snapshot):
 
     cb = Preflight(snapshot=snapshot)
     model = TinyClassifier()
-    make_trainer(tmp_path, [cb], max_steps=1, logger=False).fit(model, DataLoader(TensorDataset(*cluster_data(n=64)), batch_size=16))
+    make_trainer(tmp_path, [cb], max_steps=1, logger=False).fit(
+        model, DataLoader(TensorDataset(*cluster_data(n=64)), batch_size=16)
+    )
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     assert weights <= cb.last_report.snapshot_bytes < 3 * weights

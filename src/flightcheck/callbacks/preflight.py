@@ -47,7 +47,9 @@ def _check_names(value: Iterable[str] | None, parameter: str) -> list[str] | Non
     names = list(value)
     unknown = [n for n in names if n not in PREFLIGHT_CHECKS]
     if unknown:
-        raise ValueError(f"Preflight({parameter}=...) got unknown check name(s) {unknown}; accepted: {list(PREFLIGHT_CHECKS)}")
+        raise ValueError(
+            f"Preflight({parameter}=...) got unknown check name(s) {unknown}; accepted: {list(PREFLIGHT_CHECKS)}"
+        )
     return names
 
 
@@ -122,15 +124,22 @@ class Preflight(FlightcheckCallback):
             raise ValueError(f"Preflight(max_steps=...) must be an int >= 1, got {max_steps!r}")
         if isinstance(max_seconds, bool) or not isinstance(max_seconds, (int, float)) or not max_seconds > 0:
             raise ValueError(f"Preflight(max_seconds=...) must be a number > 0, got {max_seconds!r}")
-        if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2):
+        if num_classes is not None and (
+            isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2
+        ):
             raise ValueError(f"Preflight(num_classes=...) must be None or an int >= 2, got {num_classes!r}")
         if expected_init_loss is not None and (
-            isinstance(expected_init_loss, bool) or not isinstance(expected_init_loss, (int, float))
+            isinstance(expected_init_loss, bool)
+            or not isinstance(expected_init_loss, (int, float))
             or not math.isfinite(expected_init_loss)
         ):
-            raise ValueError(f"Preflight(expected_init_loss=...) must be None or a finite number, got {expected_init_loss!r}")
+            raise ValueError(
+                f"Preflight(expected_init_loss=...) must be None or a finite number, got {expected_init_loss!r}"
+            )
         if target is not None and (isinstance(target, bool) or not isinstance(target, (int, str))):
-            raise TypeError(f"Preflight(target=...) must be None, an int index or a str key, got {type(target).__name__}")
+            raise TypeError(
+                f"Preflight(target=...) must be None, an int index or a str key, got {type(target).__name__}"
+            )
         if snapshot not in SNAPSHOT:
             raise ValueError(f"Preflight(snapshot=...) must be one of {list(SNAPSHOT)}, got {snapshot!r}")
         if not isinstance(run_on_resume, bool):
@@ -138,9 +147,12 @@ class Preflight(FlightcheckCallback):
         self.on_fail = on_fail
         self.run_on_resume = run_on_resume
         self.options = PreflightOptions(
-            max_steps=max_steps, max_seconds=float(max_seconds), num_classes=num_classes,
+            max_steps=max_steps,
+            max_seconds=float(max_seconds),
+            num_classes=num_classes,
             expected_init_loss=None if expected_init_loss is None else float(expected_init_loss),
-            target=target, snapshot_on_device=snapshot == "device",
+            target=target,
+            snapshot_on_device=snapshot == "device",
         )
         #: the report of the last pre-flight (``None`` before one ran)
         self.last_report: PreflightReport | None = None
@@ -157,7 +169,9 @@ class Preflight(FlightcheckCallback):
     # ------------------------------------------------------------------ the hook
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         if getattr(trainer, "ckpt_path", None) and not self.run_on_resume:
-            self.last_report = PreflightReport(skipped="resuming from a checkpoint (pass run_on_resume=True to check anyway)")
+            self.last_report = PreflightReport(
+                skipped="resuming from a checkpoint (pass run_on_resume=True to check anyway)"
+            )
             if getattr(trainer, "is_global_zero", True):
                 log.info("flightcheck %s", self.last_report.summary())
             return
@@ -185,12 +199,16 @@ class Preflight(FlightcheckCallback):
                         self.report_verdict(trainer, verdict, step=0)
             elif row.status is Status.ERROR:
                 self.report(
-                    trainer, INTERNAL_ERROR, Severity.WARNING,
+                    trainer,
+                    INTERNAL_ERROR,
+                    Severity.WARNING,
                     f"pre-flight check {row.check} failed internally ({row.message}); its row is marked error and "
                     "the other checks ran.",
                     causes=("a model, batch or setup this check does not handle",),
                     advice=(f"skip it with Preflight(skip=[{row.check!r}]) and please report the traceback",),
-                    target=f"preflight.{row.check}", data={"traceback": getattr(row, "traceback", "")}, step=0,
+                    target=f"preflight.{row.check}",
+                    data={"traceback": row.traceback},
+                    step=0,
                 )
         hub = self.hub(trainer)
         if not hub.is_writer:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from collections.abc import Iterator
 from typing import Any
@@ -46,18 +47,33 @@ def judge_batch_independence(dependence: Tensor, sample: int, where: str) -> Ver
         return None
     before = sum(1 for j in leaking if j < sample)
     return Verdict(
-        "batch_independence", "error",
+        "batch_independence",
+        "error",
         f"with the model in eval mode, the output for sample {sample} depends on the inputs of {len(leaking)} other "
         f"sample{'s' if len(leaking) != 1 else ''} of the batch (e.g. {', '.join(map(str, leaking[:5]))}); "
         f"measured at {where}.",
-        causes=("a view/reshape that mixes the batch axis with another one (view where permute/transpose was meant)",
-                "a recurrent or attention layer reading (batch, time) as (time, batch): check batch_first",
-                "a softmax, normalisation or reduction over dim 0",
-                *(("samples see only earlier samples: the batch axis is used as a time axis",) if before == len(leaking) else ())),
-        advice=("compute the gradient of one sample's output with respect to the inputs and find the first layer "
-                "where other samples get gradient", "use permute/transpose to reorder axes; view only to split/merge them"),
-        data={"sample": sample, "other_samples": leaking[:50], "count": len(leaking), "earlier": before,
-              "later": len(leaking) - before},
+        causes=(
+            "a view/reshape that mixes the batch axis with another one (view where permute/transpose was meant)",
+            "a recurrent or attention layer reading (batch, time) as (time, batch): check batch_first",
+            "a softmax, normalisation or reduction over dim 0",
+            *(
+                ("samples see only earlier samples: the batch axis is used as a time axis",)
+                if before == len(leaking)
+                else ()
+            ),
+        ),
+        advice=(
+            "compute the gradient of one sample's output with respect to the inputs and find the first layer "
+            "where other samples get gradient",
+            "use permute/transpose to reorder axes; view only to split/merge them",
+        ),
+        data={
+            "sample": sample,
+            "other_samples": leaking[:50],
+            "count": len(leaking),
+            "earlier": before,
+            "later": len(leaking) - before,
+        },
     )
 
 
@@ -129,21 +145,46 @@ class _InputProbe:
         return out
 
 
-_NO_PATH = ("the output does not depend on the inputs through a differentiable path "
-            "(integer inputs without nn.Embedding, or a forward under torch.no_grad)")
+def _cudnn_off() -> contextlib.AbstractContextManager[Any]:
+    cudnn = torch.backends.cudnn
+    return cudnn.flags(
+        enabled=False, benchmark=cudnn.benchmark, deterministic=cudnn.deterministic, allow_tf32=cudnn.allow_tf32
+    )
 
 
-def measure_batch_independence(ctx: PreflightContext) -> tuple[Tensor, int, str]:
-    """``(dependence, sample, where)``: the gradient mass each sample's inputs get from the output
-    of ``sample``, for the first sample (middle, first, last) whose output depends on any input."""
+_NO_PATH = (
+    "the output does not depend on the inputs through a differentiable path "
+    "(integer inputs without nn.Embedding, or a forward under torch.no_grad)"
+)
+
+
+@dataclasses.dataclass
+class ProbedInputs:
+    """The model's inputs as gradient-carrying leaves, and its output built from them."""
+
+    leaves: list[Tensor]
+    output: Tensor
+    where: str  # "the LightningModule's forward" or "the training step's last submodule"
+
+
+@contextlib.contextmanager
+def probed_inputs(ctx: PreflightContext, eval_mode: bool = True) -> Iterator[ProbedInputs]:
+    """Run ``training_step`` once with the model's inputs made leaves that require grad.
+
+    Inside the block the output's graph is alive, so a check can take gradients of any part of
+    the output with respect to any part of the inputs (``torch.autograd.grad(..., allow_unused=True)``).
+    Float inputs with the batch as first dimension are leaves; token ids are followed through
+    the outputs of ``nn.Embedding`` layers. With ``eval_mode`` the model is in eval mode (batch
+    norm on running statistics) and cuDNN is off (its recurrent layers refuse backward in eval).
+    Raises :class:`Skip` when the output does not depend on the inputs in a differentiable way.
+    """
     batch_size = ctx.batch_size
     if batch_size is None:
         raise Skip("the batch's tensors do not share a leading batch dimension")
-    if batch_size < 2:
-        raise Skip("the batch has a single sample")
     module = ctx.module
-    with modes_preserved(module), torch.enable_grad(), torch.backends.cudnn.flags(enabled=False):
-        module.eval()  # batch norm on running statistics, so it does not count as mixing
+    with modes_preserved(module), torch.enable_grad(), _cudnn_off() if eval_mode else contextlib.nullcontext():
+        if eval_mode:
+            module.eval()
         probe = _InputProbe(module, batch_size, "forward")
         record = ctx.runner.evaluate(ctx.batch, within=probe.installed())
         where = "the LightningModule's forward"
@@ -153,23 +194,36 @@ def measure_batch_independence(ctx: PreflightContext) -> tuple[Tensor, int, str]
             record = ctx.runner.evaluate(batch, within=probe.installed())
             where = "the training step's last submodule"
         if record.error is not None:
-            raise Skip(f"training_step failed in eval mode: {record.error}")
-        out = probe.output
-        if out is None:
+            raise Skip(f"training_step failed{' in eval mode' if eval_mode else ''}: {record.error}")
+        if probe.output is None:
             raise Skip("the model's output has no floating tensor with the batch as its first dimension")
-        if not probe.leaves or not out.requires_grad:
+        if not probe.leaves or not probe.output.requires_grad:
             raise Skip(_NO_PATH)
-        dependence = torch.zeros(batch_size, dtype=torch.float64)
+        yield ProbedInputs(probe.leaves, probe.output, where)
+
+
+def measure_batch_independence(ctx: PreflightContext) -> tuple[Tensor, int, str]:
+    """``(dependence, sample, where)``: the gradient mass each sample's inputs get from the output
+    of ``sample``, for the first sample (middle, first, last) whose output depends on any input."""
+    batch_size = ctx.batch_size
+    if batch_size is not None and batch_size < 2:
+        raise Skip("the batch has a single sample")
+    with probed_inputs(ctx) as probed:
         for sample in dict.fromkeys((batch_size // 2, 0, batch_size - 1)):
-            grads = torch.autograd.grad(out[sample].float().sum(), probe.leaves, allow_unused=True, retain_graph=True)
+            grads = torch.autograd.grad(
+                probed.output[sample].float().sum(), probed.leaves, allow_unused=True, retain_graph=True
+            )
             dependence = sample_dependence(list(grads), batch_size)
             if float(dependence.max()) > 0:
-                return dependence, sample, where
+                return dependence, sample, probed.where
     raise Skip(_NO_PATH)
 
 
-@register("batch_independence", phase="initial",
-          summary="each sample's output depends on that sample's input only (model in eval mode)")
+@register(
+    "batch_independence",
+    phase="initial",
+    summary="each sample's output depends on that sample's input only (model in eval mode)",
+)
 def batch_independence(ctx: PreflightContext) -> Iterator[Verdict]:
     try:
         dependence, sample, where = measure_batch_independence(ctx)
@@ -208,29 +262,44 @@ def zeroable(path: str, t: Tensor) -> bool:
 def judge_input_dependence(initial: float, fitted: float, zeroed: float, same_output: bool) -> Verdict | None:
     """The fitted model's loss with its real inputs against its loss with them zeroed."""
     data = {"initial_loss": initial, "fitted_loss": fitted, "zeroed_inputs_loss": zeroed, "same_output": same_output}
-    causes = ("forward reads something other than its input (a stored tensor, a constant, the wrong argument)",
-              "the input is overwritten or multiplied by zero before the first layer",
-              "inputs that are the same for every sample (a data pipeline returning constants)",
-              "weights driven to zero by heavy regularisation")
+    causes = (
+        "forward reads something other than its input (a stored tensor, a constant, the wrong argument)",
+        "the input is overwritten or multiplied by zero before the first layer",
+        "inputs that are the same for every sample (a data pipeline returning constants)",
+        "weights driven to zero by heavy regularisation",
+    )
     advice = ("print what forward actually feeds its first layer", "look at a few raw batches")
     if same_output:
-        return Verdict("input_dependence", "error",
-                       "the model gives exactly the same output with its inputs zeroed: it ignores its input.",
-                       causes=causes, advice=advice, data=data)
+        return Verdict(
+            "input_dependence",
+            "error",
+            "the model gives exactly the same output with its inputs zeroed: it ignores its input.",
+            causes=causes,
+            advice=advice,
+            data=data,
+        )
     if not (math.isfinite(initial) and math.isfinite(fitted) and math.isfinite(zeroed)):
         return None
     if initial - fitted <= MIN_GAIN_SHARE * max(abs(initial), 1e-12):
         raise Skip(f"the overfit did not lower the loss enough ({initial:.4g} -> {fitted:.4g}) to compare")
     if abs(zeroed - fitted) <= INPUT_DEPENDENCE_RTOL * max(abs(zeroed), abs(fitted), 1e-12):
-        return Verdict("input_dependence", "error",
-                       f"after overfitting, the loss is {fitted:.4g} with the real inputs and {zeroed:.4g} with them "
-                       f"zeroed (it started at {initial:.4g}): the model hardly uses its input.",
-                       causes=causes, advice=advice, data=data)
+        return Verdict(
+            "input_dependence",
+            "error",
+            f"after overfitting, the loss is {fitted:.4g} with the real inputs and {zeroed:.4g} with them "
+            f"zeroed (it started at {initial:.4g}): the model hardly uses its input.",
+            causes=causes,
+            advice=advice,
+            data=data,
+        )
     return None
 
 
-@register("input_dependence", phase="fitted",
-          summary="after overfitting, the loss is clearly better with the real inputs than with zeroed ones")
+@register(
+    "input_dependence",
+    phase="fitted",
+    summary="after overfitting, the loss is clearly better with the real inputs than with zeroed ones",
+)
 def input_dependence(ctx: PreflightContext) -> Iterator[Verdict]:
     if ctx.target_path is None:
         raise Skip("no separate target in the batch (one tensor is both input and target; name it with target=)")
@@ -244,18 +313,24 @@ def input_dependence(ctx: PreflightContext) -> Iterator[Verdict]:
         raise Skip("training_step reported no loss")
     zeroed = ctx.evaluate(ctx.replaced({p: torch.zeros_like(t) for p, t in inputs}))
     same = (
-        fitted.output is not None and zeroed.output is not None and fitted.output.shape == zeroed.output.shape
+        fitted.output is not None
+        and zeroed.output is not None
+        and fitted.output.shape == zeroed.output.shape
         and bool(torch.allclose(fitted.output.float(), zeroed.output.float(), rtol=SAME_OUTPUT_RTOL, atol=0.0))
     )
-    verdict = judge_input_dependence(initial, fitted.loss, zeroed.loss if zeroed.loss is not None else float("nan"), same)
+    verdict = judge_input_dependence(
+        initial, fitted.loss, zeroed.loss if zeroed.loss is not None else float("nan"), same
+    )
     if verdict is not None:
         yield verdict
 
 
 __all__ = [
+    "ProbedInputs",
     "judge_batch_independence",
     "judge_input_dependence",
     "measure_batch_independence",
+    "probed_inputs",
     "sample_dependence",
     "zeroable",
 ]

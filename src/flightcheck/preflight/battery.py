@@ -51,13 +51,13 @@ def _run_check(check: RegisteredCheck, ctx: PreflightContext) -> CheckRow:
 
 
 def _internal_error(name: str, err: BaseException, seconds: float) -> CheckRow:
-    row = CheckRow(name, Status.ERROR, f"internal error in the check: {type(err).__name__}: {err}", seconds)
-    row.traceback = "".join(traceback.format_exception(type(err), err, err.__traceback__, limit=-4))  # type: ignore[attr-defined]
-    return row
+    trace = "".join(traceback.format_exception(type(err), err, err.__traceback__, limit=-4))
+    return CheckRow(name, Status.ERROR, f"internal error in the check: {type(err).__name__}: {err}", seconds, traceback=trace)
 
 
-def run_battery(trainer: Any, module: nn.Module, checks: Sequence[str], options: PreflightOptions,
-                batch: Any = None) -> PreflightReport:
+def run_battery(
+    trainer: Any, module: nn.Module, checks: Sequence[str], options: PreflightOptions, batch: Any = None
+) -> PreflightReport:
     """Run the named checks (those not registered get a skipped row) and return the report.
 
     Args:
@@ -104,7 +104,9 @@ def run_battery(trainer: Any, module: nn.Module, checks: Sequence[str], options:
                     raise
                 except Exception as err:  # noqa: BLE001
                     overfit_error = err
-                    ctx._overfit = OverfitRun(skip_reason=f"the overfit run failed internally ({type(err).__name__}: {err})")
+                    ctx._overfit = OverfitRun(
+                        skip_reason=f"the overfit run failed internally ({type(err).__name__}: {err})"
+                    )
                 overfit_seconds = time.perf_counter() - start
             if check.name == "overfit_batch" and overfit_error is not None:
                 row = _internal_error(check.name, overfit_error, overfit_seconds)
@@ -129,8 +131,12 @@ def _info(ctx: PreflightContext) -> dict[str, Any]:
         info["output"] = ctx._initial.source
     run = ctx._overfit
     if run is not None and run.skip_reason is None:
-        info["overfit"] = {"steps": run.steps, "seconds": round(run.seconds, 3), "stopped": run.stopped,
-                           "learning_rates": run.learning_rates}
+        info["overfit"] = {
+            "steps": run.steps,
+            "seconds": round(run.seconds, 3),
+            "stopped": run.stopped,
+            "learning_rates": run.learning_rates,
+        }
     info["inputs"] = [path_str(p) for p, _ in ctx.inputs]
     return info
 

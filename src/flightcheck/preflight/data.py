@@ -31,12 +31,18 @@ def judge_nonfinite(name: str, t: Tensor) -> Verdict | None:
         return None
     rows = torch.nonzero(~torch.isfinite(t).reshape(t.shape[0], -1).all(dim=1)).flatten().tolist() if t.dim() else []
     return Verdict(
-        "nonfinite_input", "error",
-        f"{name} holds {nan} NaN and {inf} infinite values (in {len(rows)} of its {t.shape[0] if t.dim() else 1} samples).",
-        causes=("missing values in the raw data read as NaN", "a division by zero or a log of zero in preprocessing",
-                "normalising a constant feature (std 0)"),
+        "nonfinite_input",
+        "error",
+        f"{name} holds {nan} NaN and {inf} infinite values "
+        f"(in {len(rows)} of its {t.shape[0] if t.dim() else 1} samples).",
+        causes=(
+            "missing values in the raw data read as NaN",
+            "a division by zero or a log of zero in preprocessing",
+            "normalising a constant feature (std 0)",
+        ),
         advice=("fill or drop missing values before training", "guard the preprocessing's divisions (add an epsilon)"),
-        target=name, data={"nan": nan, "inf": inf, "samples": rows[:10]},
+        target=name,
+        data={"nan": nan, "inf": inf, "samples": rows[:10]},
     )
 
 
@@ -82,11 +88,13 @@ def judge_input_scale(name: str, t: Tensor) -> Verdict | None:
     advice = ("standardise each feature with the training set's mean and std (or scale to [0, 1])",)
     if x.dim() >= 3 and low >= 0 and RAW_PIXEL_MAX < high <= 255 and bool((x == x.round()).all()):
         return Verdict(
-            "input_scale", "warning",
+            "input_scale",
+            "warning",
             f"{name} holds whole numbers from {low:g} to {high:g}: raw 0-255 pixel values, not scaled ones.",
             causes=("a missing ToTensor()/division by 255 or normalisation in the transforms",),
             advice=("divide by 255 and normalise with the dataset's channel mean and std",),
-            target=name, data={"min": low, "max": high},
+            target=name,
+            data={"min": low, "max": high},
         )
     scales = feature_scales(x)
     present = scales[scales > 0]
@@ -94,26 +102,42 @@ def judge_input_scale(name: str, t: Tensor) -> Verdict | None:
         return None
     largest, smallest = float(present.max()), float(present.min())
     which = int(torch.argmax(scales))
-    data = {"largest_scale": largest, "smallest_scale": smallest, "largest_feature": which, "features": int(scales.numel())}
+    data = {
+        "largest_scale": largest,
+        "smallest_scale": smallest,
+        "largest_feature": which,
+        "features": int(scales.numel()),
+    }
     if largest > FEATURE_SCALE_MAX:
         return Verdict(
-            "input_scale", "warning",
+            "input_scale",
+            "warning",
             f"{name} is not normalised: feature {which} has RMS {largest:.3g} (normalised features are ~1).",
-            causes=("features left in raw units (prices, counts, timestamps)",), advice=advice, target=name, data=data,
+            causes=("features left in raw units (prices, counts, timestamps)",),
+            advice=advice,
+            target=name,
+            data=data,
         )
     if present.numel() >= 2 and largest / smallest >= FEATURE_SPREAD_MAX:
         return Verdict(
-            "input_scale", "warning",
+            "input_scale",
+            "warning",
             f"{name} has feature scales {largest / smallest:.3g}x apart (RMS {smallest:.3g} to {largest:.3g}): "
             "the large features dominate the gradient.",
-            causes=("features in different units, not standardised",), advice=advice, target=name, data=data,
+            causes=("features in different units, not standardised",),
+            advice=advice,
+            target=name,
+            data=data,
         )
     if largest < FEATURE_SCALE_MIN:
         return Verdict(
-            "input_scale", "warning",
+            "input_scale",
+            "warning",
             f"{name} is squashed towards zero: its largest feature RMS is {largest:.3g}.",
             causes=("a normalisation applied twice, or a unit conversion off by orders of magnitude",),
-            advice=advice, target=name, data=data,
+            advice=advice,
+            target=name,
+            data=data,
         )
     return None
 
@@ -165,13 +189,18 @@ def judge_target_shape(output: Tensor | None, target: Tensor | None, loss: float
     if not hit or any(close(loss, v) for v in aligned.values()):
         return None
     return Verdict(
-        "target_shape", "error",
+        "target_shape",
+        "error",
         f"the output {tuple(output.shape)} and the target {tuple(target.shape)} broadcast to {tuple(shape)} in the loss "
         f"({hit[0]} = {loss:.4g}): every output is compared with every target.",
         causes=("a trailing dimension of size 1 on the output (or the target) that the loss broadcasts",),
         advice=("squeeze the output (output.squeeze(-1)) or unsqueeze the target so both have the same shape",),
-        data={"output_shape": list(output.shape), "target_shape": list(target.shape), "broadcast_shape": list(shape),
-              "loss": loss},
+        data={
+            "output_shape": list(output.shape),
+            "target_shape": list(target.shape),
+            "broadcast_shape": list(shape),
+            "loss": loss,
+        },
     )
 
 
@@ -191,30 +220,37 @@ def target_shape(ctx: PreflightContext) -> Iterator[Verdict]:
 _OUT_OF_RANGE_WORDS = ("out of bounds", "out of range", "labelsoutofrange", "labeloutofrange")
 
 
-def judge_label_range(target: Tensor, classes: int | None, step_error: BaseException | None,
-                      stated: bool = False) -> Verdict | None:
+def judge_label_range(
+    target: Tensor, classes: int | None, step_error: BaseException | None, stated: bool = False
+) -> Verdict | None:
     """Class ids outside ``[0, classes)`` (``-100`` is ignored, as by PyTorch's losses)."""
     valid = target[target != IGNORE_INDEX]
     if valid.numel() == 0:
         return None
     low, high = int(valid.min()), int(valid.max())
     text = f"{type(step_error).__name__}: {step_error}".lower() if step_error is not None else ""
-    crashed = step_error is not None and (isinstance(step_error, LabelOutOfRange)
-                                          or any(w in text for w in _OUT_OF_RANGE_WORDS))
+    crashed = step_error is not None and (
+        isinstance(step_error, LabelOutOfRange) or any(w in text for w in _OUT_OF_RANGE_WORDS)
+    )
     outside = classes is not None and (low < 0 or high >= classes)
     if not crashed and not (stated and outside):
         return None
     where = f"the output has {classes} classes" if classes is not None else "the loss cannot index them"
-    causes = ["labels that do not start at 0" if low >= 1 and classes is not None and high == classes else
-              "more classes in the data than the model's output size"]
+    causes = [
+        (
+            "labels that do not start at 0"
+            if low >= 1 and classes is not None and high == classes
+            else "more classes in the data than the model's output size"
+        )
+    ]
     causes.append("a label encoding that differs between the data and the model")
     data = {"min_label": low, "max_label": high, "num_classes": classes}
     if step_error is not None:
         data["error"] = str(step_error)
     return Verdict(
-        "label_range", "error",
-        f"labels run from {low} to {high} but {where}"
-        + (" (training_step failed on them)." if crashed else "."),
+        "label_range",
+        "error",
+        f"labels run from {low} to {high} but {where}" + (" (training_step failed on them)." if crashed else "."),
         causes=tuple(causes),
         advice=("map labels to 0..C-1", "make the last layer's size equal the number of classes"),
         data=data,
@@ -273,11 +309,15 @@ def judge_class_imbalance(target: Tensor) -> Verdict | None:
     if share < MAJORITY_SHARE:
         return None
     return Verdict(
-        "class_imbalance", "warning",
+        "class_imbalance",
+        "warning",
         f"{int(counts[top])} of the batch's {total} samples ({share:.0%}) are class {top}.",
         causes=("a dataset dominated by one class", "a training loader that is not shuffled over data sorted by label"),
-        advice=("shuffle the training loader", "rebalance: weight the loss or sample classes evenly (WeightedRandomSampler)",
-                "judge the model by per-class metrics, not accuracy"),
+        advice=(
+            "shuffle the training loader",
+            "rebalance: weight the loss or sample classes evenly (WeightedRandomSampler)",
+            "judge the model by per-class metrics, not accuracy",
+        ),
         data={"counts": counts.tolist(), "majority_class": top, "share": share},
     )
 

@@ -26,7 +26,7 @@ class NoBatch(Exception):  # noqa: N818
     """No batch could be taken; the message says why (it becomes the pre-flight's skip reason)."""
 
 
-def _generators(loader: Any) -> list[torch.Generator]:
+def loader_generators(loader: Any) -> list[torch.Generator]:
     seen: dict[int, torch.Generator] = {}
     objects = [loader, getattr(loader, "sampler", None), getattr(loader, "batch_sampler", None)]
     objects.append(getattr(objects[-1], "sampler", None))
@@ -38,8 +38,8 @@ def _generators(loader: Any) -> list[torch.Generator]:
 
 
 @contextlib.contextmanager
-def _generators_preserved(loaders: list[Any]) -> Iterator[None]:
-    gens = [g for loader in loaders for g in _generators(loader)]
+def generators_preserved(loaders: list[Any]) -> Iterator[None]:
+    gens = [g for loader in loaders for g in loader_generators(loader)]
     states = [g.get_state() for g in gens]
     try:
         yield
@@ -48,10 +48,12 @@ def _generators_preserved(loaders: list[Any]) -> Iterator[None]:
             g.set_state(state)
 
 
-def _single_process(loader: DataLoader) -> DataLoader:
+def single_process(loader: DataLoader) -> DataLoader:
     """The same batches as ``loader`` from the main process (no workers, no pinning, no persistence)."""
     if isinstance(loader.dataset, IterableDataset):
-        return DataLoader(loader.dataset, batch_size=loader.batch_size, drop_last=loader.drop_last, collate_fn=loader.collate_fn)
+        return DataLoader(
+            loader.dataset, batch_size=loader.batch_size, drop_last=loader.drop_last, collate_fn=loader.collate_fn
+        )
     if loader.batch_sampler is not None:
         return DataLoader(loader.dataset, batch_sampler=loader.batch_sampler, collate_fn=loader.collate_fn)
     return DataLoader(loader.dataset, batch_size=None, sampler=loader.sampler, collate_fn=loader.collate_fn)
@@ -59,7 +61,7 @@ def _single_process(loader: DataLoader) -> DataLoader:
 
 def _first(iterable: Any) -> Any:
     if isinstance(iterable, DataLoader):
-        iterable = _single_process(iterable)
+        iterable = single_process(iterable)
     elif iter(iterable) is iterable:
         raise NoBatch("the training data is a one-shot iterator; taking a batch from it would consume it")
     try:
@@ -68,15 +70,15 @@ def _first(iterable: Any) -> Any:
         raise NoBatch("the training data loader is empty") from None
 
 
-def _flatten_loaders(obj: Any) -> list[Any]:
+def flatten_loaders(obj: Any) -> list[Any]:
     from lightning.pytorch.utilities import CombinedLoader
 
     if isinstance(obj, CombinedLoader):
-        return _flatten_loaders(obj.iterables)
+        return flatten_loaders(obj.iterables)
     if isinstance(obj, Mapping):
-        return [x for v in obj.values() for x in _flatten_loaders(v)]
+        return [x for v in obj.values() for x in flatten_loaders(v)]
     if isinstance(obj, (list, tuple)):
-        return [x for v in obj for x in _flatten_loaders(v)]
+        return [x for v in obj for x in flatten_loaders(v)]
     return [obj]
 
 
@@ -115,12 +117,20 @@ def first_batch(trainer: Any, module: Any) -> Any:
     """
     with preserved_rng():
         train_data = request_train_data(trainer)
-        loaders = _flatten_loaders(train_data)
-        with _generators_preserved(loaders):
+        loaders = flatten_loaders(train_data)
+        with generators_preserved(loaders):
             batch = _first_batch_of(train_data)
         batch = trainer.precision_plugin.convert_input(batch)
         batch = module._on_before_batch_transfer(batch, dataloader_idx=0)
         return trainer.strategy.batch_to_device(batch, dataloader_idx=0)
 
 
-__all__ = ["NoBatch", "first_batch", "request_train_data"]
+__all__ = [
+    "NoBatch",
+    "first_batch",
+    "flatten_loaders",
+    "generators_preserved",
+    "loader_generators",
+    "request_train_data",
+    "single_process",
+]

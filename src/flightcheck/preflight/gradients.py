@@ -6,7 +6,6 @@ import math
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping
 
-import torch
 from torch import Tensor, nn
 
 from flightcheck.checks import Verdict
@@ -34,8 +33,14 @@ def describe(names: Iterable[str], numel: Mapping[str, int]) -> tuple[str, dict[
     return text, dict(groups)
 
 
-def judge_gradient_flow(flags: Mapping[str, GradientFlags], in_optimizer: set[str], *, steps: int,
-                        frozen_on_purpose: set[str] = frozenset(), scaled: bool = False) -> list[Verdict]:
+def judge_gradient_flow(
+    flags: Mapping[str, GradientFlags],
+    in_optimizer: set[str],
+    *,
+    steps: int,
+    frozen_on_purpose: set[str] = frozenset(),
+    scaled: bool = False,
+) -> list[Verdict]:
     """Every trainable parameter should get a finite, non-zero gradient and belong to an optimizer.
 
     Args:
@@ -53,84 +58,133 @@ def judge_gradient_flow(flags: Mapping[str, GradientFlags], in_optimizer: set[st
     if missing:
         text, groups = describe(missing, numel)
         everything = len(missing) == sum(1 for n in flags if n in in_optimizer)
-        verdicts.append(Verdict(
-            "gradient_flow", "error",
-            f"{'no' if everything else len(missing)} trainable parameter{'s' if len(missing) != 1 else ''} "
-            f"({sum(numel[n] for n in missing):,} values) got {'a' if everything else 'no'} gradient {when}"
-            + ("" if everything else f": {text}") + ".",
-            causes=("the graph is cut before them: .detach(), .data, .item()/.numpy() round trips, torch.no_grad()",
+        verdicts.append(
+            Verdict(
+                "gradient_flow",
+                "error",
+                f"{'no' if everything else len(missing)} trainable parameter{'s' if len(missing) != 1 else ''} "
+                f"({sum(numel[n] for n in missing):,} values) got {'a' if everything else 'no'} gradient {when}"
+                + ("" if everything else f": {text}")
+                + ".",
+                causes=(
+                    "the graph is cut before them: .detach(), .data, .item()/.numpy() round trips, torch.no_grad()",
                     "layers created but never used in forward",
-                    "a frozen part left trainable (set requires_grad=False if that is the intent)"),
-            advice=("follow the output back to these modules and look for the cut",
-                    "freeze on purpose with module.requires_grad_(False)"),
-            target="no_gradient", data={"modules": groups},
-        ))
+                    "a frozen part left trainable (set requires_grad=False if that is the intent)",
+                ),
+                advice=(
+                    "follow the output back to these modules and look for the cut",
+                    "freeze on purpose with module.requires_grad_(False)",
+                ),
+                target="no_gradient",
+                data={"modules": groups},
+            )
+        )
     zero = [n for n, f in flags.items() if f.seen and not f.nonzero]
     if zero:
         text, groups = describe(zero, numel)
-        verdicts.append(Verdict(
-            "gradient_flow", "warning",
-            f"{len(zero)} trainable parameter{'s' if len(zero) != 1 else ''} got only all-zero gradients {when}: {text}.",
-            causes=("dead units (every ReLU input negative)", "a multiplication by zero or a mask that blocks everything",
-                    "an unused output whose loss weight is 0"),
-            advice=("check the activations feeding these modules", "check masks and loss weights"),
-            target="zero_gradient", data={"modules": groups},
-        ))
+        verdicts.append(
+            Verdict(
+                "gradient_flow",
+                "warning",
+                f"{len(zero)} trainable parameter{'s' if len(zero) != 1 else ''} got only all-zero gradients {when}: {text}.",
+                causes=(
+                    "dead units (every ReLU input negative)",
+                    "a multiplication by zero or a mask that blocks everything",
+                    "an unused output whose loss weight is 0",
+                ),
+                advice=("check the activations feeding these modules", "check masks and loss weights"),
+                target="zero_gradient",
+                data={"modules": groups},
+            )
+        )
     nonfinite = [n for n, f in flags.items() if f.seen and not f.finite] if not scaled else []
     if nonfinite:
         text, groups = describe(nonfinite, numel)
-        verdicts.append(Verdict(
-            "gradient_flow", "error",
-            f"{len(nonfinite)} parameter{'s' if len(nonfinite) != 1 else ''} got NaN or infinite gradients {when}: {text}.",
-            causes=("an exp, log, sqrt or division that overflows or divides by zero", "a learning rate that blows up the weights"),
-            advice=("add epsilons/clamps to log, sqrt and divisions", "lower the learning rate"),
-            target="nonfinite_gradient", data={"modules": groups},
-        ))
+        verdicts.append(
+            Verdict(
+                "gradient_flow",
+                "error",
+                f"{len(nonfinite)} parameter{'s' if len(nonfinite) != 1 else ''} got NaN or infinite gradients {when}: {text}.",
+                causes=(
+                    "an exp, log, sqrt or division that overflows or divides by zero",
+                    "a learning rate that blows up the weights",
+                ),
+                advice=("add epsilons/clamps to log, sqrt and divisions", "lower the learning rate"),
+                target="nonfinite_gradient",
+                data={"modules": groups},
+            )
+        )
     orphans = [n for n, f in flags.items() if f.seen and n not in in_optimizer]
     if orphans:
         text, groups = describe(orphans, numel)
-        verdicts.append(Verdict(
-            "gradient_flow", "warning",
-            f"{len(orphans)} parameter{'s' if len(orphans) != 1 else ''} get gradients but belong to no optimizer, "
-            f"so they never change: {text}.",
-            causes=("configure_optimizers passes only part of the model (e.g. self.backbone.parameters())",
-                    "a layer added after the optimizer was built"),
-            advice=("pass self.parameters() (or every part) to the optimizer",
-                    "or freeze these parameters with requires_grad_(False)"),
-            target="no_optimizer", data={"modules": groups},
-        ))
+        verdicts.append(
+            Verdict(
+                "gradient_flow",
+                "warning",
+                f"{len(orphans)} parameter{'s' if len(orphans) != 1 else ''} get gradients but belong to no optimizer, "
+                f"so they never change: {text}.",
+                causes=(
+                    "configure_optimizers passes only part of the model (e.g. self.backbone.parameters())",
+                    "a layer added after the optimizer was built",
+                ),
+                advice=(
+                    "pass self.parameters() (or every part) to the optimizer",
+                    "or freeze these parameters with requires_grad_(False)",
+                ),
+                target="no_optimizer",
+                data={"modules": groups},
+            )
+        )
     quiet = [n for n in frozen_on_purpose if n in flags and not flags[n].seen and n in in_optimizer]
     if quiet and not verdicts:
         text, _ = describe(quiet, numel)
-        verdicts.append(Verdict("gradient_flow", "info",
-                                f"{len(quiet)} parameters in eval-mode modules get no gradient (frozen?): {text}."))
+        verdicts.append(
+            Verdict(
+                "gradient_flow",
+                "info",
+                f"{len(quiet)} parameters in eval-mode modules get no gradient (frozen?): {text}.",
+            )
+        )
     return verdicts
 
 
-@register("gradient_flow", phase="fitted",
-          summary="every trainable parameter gets a finite, non-zero gradient and is in an optimizer")
+@register(
+    "gradient_flow",
+    phase="fitted",
+    summary="every trainable parameter gets a finite, non-zero gradient and is in an optimizer",
+)
 def gradient_flow(ctx: PreflightContext) -> list[Verdict]:
     run = ctx.overfit
     if run.detached_loss:
-        return [Verdict(
-            "gradient_flow", "error",
-            "the loss returned by training_step does not require grad: no parameter can get a gradient.",
-            causes=("the loss computed from .detach()ed tensors, .item()/.numpy() values or under torch.no_grad()",
-                    "every parameter frozen (requires_grad=False)"),
-            advice=("return the loss tensor itself, built from the model's output",),
-            target="detached_loss",
-        )]
+        return [
+            Verdict(
+                "gradient_flow",
+                "error",
+                "the loss returned by training_step does not require grad: no parameter can get a gradient.",
+                causes=(
+                    "the loss computed from .detach()ed tensors, .item()/.numpy() values or under torch.no_grad()",
+                    "every parameter frozen (requires_grad=False)",
+                ),
+                advice=("return the loss tensor itself, built from the model's output",),
+                target="detached_loss",
+            )
+        ]
     if not run.gradients:
         raise Skip("no trainable parameters")
     if run.steps == 0:
         raise Skip(f"no optimisation step ran ({run.stopped})")
     names = {id(p): n for n, p in ctx.module.named_parameters()}
-    in_optimizer = {names[id(p)] for o in ctx.trainer.optimizers for g in o.param_groups for p in g["params"] if id(p) in names}
+    in_optimizer = {
+        names[id(p)] for o in ctx.trainer.optimizers for g in o.param_groups for p in g["params"] if id(p) in names
+    }
     modules = dict(ctx.module.named_modules())
-    frozen = {n for n in run.gradients if not getattr(modules.get(module_of(n).replace("(root)", "")), "training", True)}
+    frozen = {
+        n for n in run.gradients if not getattr(modules.get(module_of(n).replace("(root)", "")), "training", True)
+    }
     scaler = getattr(getattr(ctx.trainer, "precision_plugin", None), "scaler", None)
-    return judge_gradient_flow(run.gradients, in_optimizer, steps=run.steps, frozen_on_purpose=frozen,
-                               scaled=scaler is not None)
+    return judge_gradient_flow(
+        run.gradients, in_optimizer, steps=run.steps, frozen_on_purpose=frozen, scaled=scaler is not None
+    )
 
 
 # --------------------------------------------------------------------------- weight_init
@@ -176,38 +230,56 @@ def judge_init_scale(name: str, weight: Tensor) -> Verdict | None:
     fan_in = weight[0].numel()
     data = {"std": float(weight.detach().float().std()), "fan_in": fan_in, "std_times_sqrt_fan_in": scale}
     if scale > WEIGHT_SCALE_MAX:
-        return Verdict("weight_init", "warning",
-                       f"{name} starts with weights of std {data['std']:.3g}, {scale / math.sqrt(2):.1f}x what He "
-                       f"initialisation gives for its fan-in of {fan_in}: activations grow layer by layer.",
-                       causes=("an explicit normal_(std=1) or uniform_(-1, 1) initialisation",),
-                       advice=("use the default or nn.init.kaiming_normal_/xavier_uniform_",),
-                       target=name, data=data)
+        return Verdict(
+            "weight_init",
+            "warning",
+            f"{name} starts with weights of std {data['std']:.3g}, {scale / math.sqrt(2):.1f}x what He "
+            f"initialisation gives for its fan-in of {fan_in}: activations grow layer by layer.",
+            causes=("an explicit normal_(std=1) or uniform_(-1, 1) initialisation",),
+            advice=("use the default or nn.init.kaiming_normal_/xavier_uniform_",),
+            target=name,
+            data=data,
+        )
     if scale < WEIGHT_SCALE_MIN:
-        return Verdict("weight_init", "warning",
-                       f"{name} starts with weights of std {data['std']:.3g}, {1 / scale:.0f}x smaller than its fan-in "
-                       f"of {fan_in} calls for: the signal fades layer by layer.",
-                       causes=("an initialisation std chosen without the layer's width in mind",),
-                       advice=("use the default or nn.init.kaiming_normal_/xavier_uniform_",),
-                       target=name, data=data)
+        return Verdict(
+            "weight_init",
+            "warning",
+            f"{name} starts with weights of std {data['std']:.3g}, {1 / scale:.0f}x smaller than its fan-in "
+            f"of {fan_in} calls for: the signal fades layer by layer.",
+            causes=("an initialisation std chosen without the layer's width in mind",),
+            advice=("use the default or nn.init.kaiming_normal_/xavier_uniform_",),
+            target=name,
+            data=data,
+        )
     return None
 
 
 def _symmetric(name: str, units: int, still: bool, steps: int | None) -> Verdict:
     if still:
-        message = (f"the {units} units of {name} started identical and are still identical after {steps} training "
-                   "steps: they compute the same feature and always will.")
+        message = (
+            f"the {units} units of {name} started identical and are still identical after {steps} training "
+            "steps: they compute the same feature and always will."
+        )
         severity = "error"
     else:
         message = f"the {units} units of {name} start identical (a constant initialisation)."
         severity = "warning"
-    return Verdict("weight_init", severity, message,
-                   causes=("a constant or zero initialisation of a hidden layer (e.g. nn.init.constant_, zeros_)",),
-                   advice=("initialise weights randomly (the default, kaiming_normal_, xavier_uniform_)",),
-                   target=name, data={"units": units, "steps": steps})
+    return Verdict(
+        "weight_init",
+        severity,
+        message,
+        causes=("a constant or zero initialisation of a hidden layer (e.g. nn.init.constant_, zeros_)",),
+        advice=("initialise weights randomly (the default, kaiming_normal_, xavier_uniform_)",),
+        target=name,
+        data={"units": units, "steps": steps},
+    )
 
 
-@register("weight_init", phase="fitted",
-          summary="initial weight scales suit each layer's fan-in and no layer starts with identical units")
+@register(
+    "weight_init",
+    phase="fitted",
+    summary="initial weight scales suit each layer's fan-in and no layer starts with identical units",
+)
 def weight_init(ctx: PreflightContext) -> Iterator[Verdict]:
     try:
         run = ctx.overfit

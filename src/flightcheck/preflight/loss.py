@@ -52,9 +52,7 @@ ERROR_RISE = 0.5
 #: What each failing curve usually means (after the overfit-one-batch advice of practitioners'
 #: debugging guides), most likely first.
 CURVE_CAUSES: dict[str, tuple[str, ...]] = {
-    "maximised": (
-        "a flipped sign in the loss or the gradient (the optimiser maximises the error)",
-    ),
+    "maximised": ("a flipped sign in the loss or the gradient (the optimiser maximises the error)",),
     "rises": (
         "a flipped sign in the loss or the gradient (the optimiser maximises the error)",
         "a learning rate far too high",
@@ -78,20 +76,32 @@ CURVE_CAUSES: dict[str, tuple[str, ...]] = {
 }
 CURVE_ADVICE: dict[str, tuple[str, ...]] = {
     "maximised": ("check the sign of the loss and of any custom gradient",),
-    "rises": ("check the sign of the loss and any custom gradient", "lower the learning rate 10x",
-              "check the dimension of every softmax/log_softmax"),
-    "explodes": ("guard exp/log/division with clamps or their stable forms (log_softmax, logsumexp)",
-                 "lower the learning rate 10x", "try gradient clipping"),
+    "rises": (
+        "check the sign of the loss and any custom gradient",
+        "lower the learning rate 10x",
+        "check the dimension of every softmax/log_softmax",
+    ),
+    "explodes": (
+        "guard exp/log/division with clamps or their stable forms (log_softmax, logsumexp)",
+        "lower the learning rate 10x",
+        "try gradient clipping",
+    ),
     "oscillates": ("lower the learning rate 10x", "check that each input is paired with its own label"),
-    "plateaus": ("see the gradient_flow row: every trainable parameter should get a gradient",
-                 "raise the learning rate 10x for this test", "remove regularisation while debugging",
-                 "feed raw logits to cross-entropy losses"),
+    "plateaus": (
+        "see the gradient_flow row: every trainable parameter should get a gradient",
+        "raise the learning rate 10x for this test",
+        "remove regularisation while debugging",
+        "feed raw logits to cross-entropy losses",
+    ),
 }
 
 
-def classify_curve(losses: Sequence[float], correct: Sequence[float | None] = (),
-                   errors: Sequence[float | None] = (),
-                   target_fraction: float = OVERFIT_TARGET_FRACTION) -> tuple[str, dict[str, float]]:
+def classify_curve(
+    losses: Sequence[float],
+    correct: Sequence[float | None] = (),
+    errors: Sequence[float | None] = (),
+    target_fraction: float = OVERFIT_TARGET_FRACTION,
+) -> tuple[str, dict[str, float]]:
     """Name the shape of an overfit loss curve.
 
     Args:
@@ -146,9 +156,11 @@ def classify_curve(losses: Sequence[float], correct: Sequence[float | None] = ()
     diffs = [b - a for a, b in zip(losses, losses[1:])]
     path = sum(abs(d) for d in diffs)
     reversals = sum(1 for a, b in zip(diffs, diffs[1:]) if a * b < 0)
-    if (path > OSCILLATION_PATH_RATIO * max(abs(losses[-1] - start), 1e-12)
-            and max(abs(d) for d in diffs) > SWING_FRACTION * scale
-            and reversals >= REVERSAL_SHARE * max(len(diffs) - 1, 1)):
+    if (
+        path > OSCILLATION_PATH_RATIO * max(abs(losses[-1] - start), 1e-12)
+        and max(abs(d) for d in diffs) > SWING_FRACTION * scale
+        and reversals >= REVERSAL_SHARE * max(len(diffs) - 1, 1)
+    ):
         return "oscillates", figures
     if end > start + RISE_TOLERANCE * scale:
         return "rises", figures
@@ -162,9 +174,16 @@ def classify_curve(losses: Sequence[float], correct: Sequence[float | None] = ()
 
 def judge_overfit(run: OverfitRun) -> Verdict:
     kind, figures = classify_curve(run.losses, run.correct, run.errors)
-    data = {**figures, "kind": kind, "steps": run.steps, "seconds": round(run.seconds, 3),
-            "stopped": run.stopped, "learning_rates": run.learning_rates, "schedules": run.schedules,
-            "losses": [round(v, 6) if math.isfinite(v) else v for v in run.losses]}
+    data = {
+        **figures,
+        "kind": kind,
+        "steps": run.steps,
+        "seconds": round(run.seconds, 3),
+        "stopped": run.stopped,
+        "learning_rates": run.learning_rates,
+        "schedules": run.schedules,
+        "losses": [round(v, 6) if math.isfinite(v) else v for v in run.losses],
+    }
     start, end = figures.get("start", float("nan")), figures.get("end", float("nan"))
     steps = f"{run.steps} step{'s' if run.steps != 1 else ''}"
     if kind == "reached":
@@ -173,25 +192,44 @@ def judge_overfit(run: OverfitRun) -> Verdict:
     if kind == "falling":
         return Verdict("overfit_batch", "info", f"loss fell from {start:.4g} to {end:.4g} in {steps}.", data=data)
     if kind == "slow":
-        return Verdict("overfit_batch", "info",
-                       f"loss fell slowly, {start:.4g} -> {end:.4g} in {steps}; fine if the learning rate is "
-                       "tuned for a long run.", data=data)
+        return Verdict(
+            "overfit_batch",
+            "info",
+            f"loss fell slowly, {start:.4g} -> {end:.4g} in {steps}; fine if the learning rate is "
+            "tuned for a long run.",
+            data=data,
+        )
     if kind == "short":
-        return Verdict("overfit_batch", "info",
-                       f"only {steps} fit in the time budget, too few to judge the curve; raise max_seconds.", data=data)
+        return Verdict(
+            "overfit_batch",
+            "info",
+            f"only {steps} fit in the time budget, too few to judge the curve; raise max_seconds.",
+            data=data,
+        )
     what = {
         "rises": f"the loss rose from {start:.4g} to {end:.4g}",
         "explodes": f"the loss exploded from {start:.4g} (max {figures.get('max', float('nan')):.4g})",
         "oscillates": f"the loss swung up and down without settling ({start:.4g} -> {end:.4g})",
         "plateaus": f"the loss stayed flat ({start:.4g} -> {end:.4g})",
         "maximised": f"the loss fell ({start:.4g} -> {end:.4g}) but the outputs got worse"
-        + (f": their error rose from {figures['error_start']:.4g} to {figures['error_end']:.4g}" if "error_end" in figures else "")
-        + (f", right answers {figures['correct_start']:.0%} -> {figures['correct_end']:.0%}" if "correct_end" in figures else ""),
+        + (
+            f": their error rose from {figures['error_start']:.4g} to {figures['error_end']:.4g}"
+            if "error_end" in figures
+            else ""
+        )
+        + (
+            f", right answers {figures['correct_start']:.0%} -> {figures['correct_end']:.0%}"
+            if "correct_end" in figures
+            else ""
+        ),
     }[kind]
     return Verdict(
-        "overfit_batch", "error",
+        "overfit_batch",
+        "error",
         f"could not overfit one batch: {what} in {steps} with the model's own optimizer.",
-        causes=CURVE_CAUSES[kind], advice=CURVE_ADVICE[kind], data=data,
+        causes=CURVE_CAUSES[kind],
+        advice=CURVE_ADVICE[kind],
+        data=data,
     )
 
 
@@ -203,8 +241,10 @@ def overfit_batch(ctx: PreflightContext) -> Iterator[Verdict]:
             raise Skip("the loss does not require grad (see gradient_flow)")
         raise Skip(f"the overfit stopped: {run.error}")
     if not ctx.runner.automatic and len(ctx.trainer.optimizers) > 1:
-        raise Skip("manual optimisation with several optimizers (adversarial or alternating objectives "
-                   "have no single loss to drive to zero)")
+        raise Skip(
+            "manual optimisation with several optimizers (adversarial or alternating objectives "
+            "have no single loss to drive to zero)"
+        )
     if not run.losses:
         raise Skip("training_step reports no single loss (it returns none and calls manual_backward several times)")
     yield judge_overfit(run)
@@ -238,46 +278,78 @@ def _too_high(loss: float, expected: float) -> bool:
     return loss > expected + max(INIT_LOSS_EXCESS, INIT_LOSS_EXCESS_FRACTION * abs(expected))
 
 
-def judge_init_loss(loss: float | None, task: Task, *, expected: float | None = None,
-                    output: Tensor | None = None) -> list[Verdict]:
+def judge_init_loss(
+    loss: float | None, task: Task, *, expected: float | None = None, output: Tensor | None = None
+) -> list[Verdict]:
     """Judge the loss at initialisation against what the task's loss predicts."""
     if loss is None:
         raise Skip("training_step reported no loss")
     if not math.isfinite(loss):
-        return [Verdict("init_loss", "error", f"the loss at initialisation is {loss}.",
-                        causes=("a log of zero or a division by zero in the loss", "non-finite inputs or targets"),
-                        advice=("see the nonfinite_input row", "use log_softmax / logsumexp instead of log(softmax)"),
-                        data={"loss": loss})]
+        return [
+            Verdict(
+                "init_loss",
+                "error",
+                f"the loss at initialisation is {loss}.",
+                causes=("a log of zero or a division by zero in the loss", "non-finite inputs or targets"),
+                advice=("see the nonfinite_input row", "use log_softmax / logsumexp instead of log(softmax)"),
+                data={"loss": loss},
+            )
+        ]
     candidates = candidate_losses(task)
     match = matching(loss, candidates)
     data: dict[str, object] = {"loss": loss, "task": task.kind, "num_classes": task.num_classes, "matches": match}
     negated = [m[1:] for m in match if m.startswith("-") and m != "-uniform_cross_entropy"]
     if negated:
-        return [Verdict("init_loss", "error",
-                        f"the loss at initialisation is {loss:.4g}, exactly minus the {negated[0]} of the output: "
-                        "the loss has its sign flipped, so training will maximise the error.",
-                        causes=("a minus sign in the loss",), advice=("remove the minus sign",), data=data)]
+        return [
+            Verdict(
+                "init_loss",
+                "error",
+                f"the loss at initialisation is {loss:.4g}, exactly minus the {negated[0]} of the output: "
+                "the loss has its sign flipped, so training will maximise the error.",
+                causes=("a minus sign in the loss",),
+                advice=("remove the minus sign",),
+                data=data,
+            )
+        ]
     if task.is_classification and loss < -1e-6:
-        return [Verdict("init_loss", "error",
-                        f"the loss at initialisation is {loss:.4g}, but a {task.kind} classification loss cannot be negative.",
-                        causes=("a flipped sign in the loss", "probabilities handed to NLLLoss (see output_activation)"),
-                        advice=("check the sign of every term of the loss",), data=data)]
+        return [
+            Verdict(
+                "init_loss",
+                "error",
+                f"the loss at initialisation is {loss:.4g}, but a {task.kind} classification loss cannot be negative.",
+                causes=("a flipped sign in the loss", "probabilities handed to NLLLoss (see output_activation)"),
+                advice=("check the sign of every term of the loss",),
+                data=data,
+            )
+        ]
     summed = [m for m in match if m.endswith("_summed")]
     if summed and expected is None:
         n = task.outputs.shape[0] if task.outputs is not None else 0
-        return [Verdict("init_loss", "warning",
-                        f"the loss at initialisation is {loss:.4g}, {n} times the mean {summed[0][:-7]}: "
-                        "the loss is summed over the batch, so its scale (and the step size) grows with the batch size.",
-                        causes=("reduction='sum' in the loss",), advice=("use reduction='mean', or scale the learning rate down",),
-                        data=data)]
+        return [
+            Verdict(
+                "init_loss",
+                "warning",
+                f"the loss at initialisation is {loss:.4g}, {n} times the mean {summed[0][:-7]}: "
+                "the loss is summed over the batch, so its scale (and the step size) grows with the batch size.",
+                causes=("reduction='sum' in the loss",),
+                advice=("use reduction='mean', or scale the learning rate down",),
+                data=data,
+            )
+        ]
     if expected is not None:
         data["expected"] = expected
         tolerance = max(INIT_LOSS_EXCESS, INIT_LOSS_EXCESS_FRACTION * abs(expected))
         if abs(loss - expected) > tolerance:
-            return [Verdict("init_loss", "warning",
-                            f"the loss at initialisation is {loss:.4g}; you expected {expected:.4g} (tolerance {tolerance:.2g}).",
-                            causes=("an initialisation other than intended", "a loss other than intended"),
-                            advice=("check the last layer's initialisation and the loss's arguments",), data=data)]
+            return [
+                Verdict(
+                    "init_loss",
+                    "warning",
+                    f"the loss at initialisation is {loss:.4g}; you expected {expected:.4g} (tolerance {tolerance:.2g}).",
+                    causes=("an initialisation other than intended", "a loss other than intended"),
+                    advice=("check the last layer's initialisation and the loss's arguments",),
+                    data=data,
+                )
+            ]
         return []
     predicted = expected_init_loss(task, match)
     if predicted is not None:
@@ -286,21 +358,32 @@ def judge_init_loss(loss: float | None, task: Task, *, expected: float | None = 
             spread = _logit_spread(task)
             data["logit_std"] = spread
             base = f"ln {task.num_classes}" if task.kind == "multiclass" and predicted != math.log(2) else "ln 2"
-            return [Verdict("init_loss", "warning",
-                            f"the loss at initialisation is {loss:.4g}, far above {base} = {predicted:.3g} for an uninformed "
-                            f"{task.kind} model: the outputs start confidently wrong"
-                            + (f" (logit spread {spread:.3g})." if spread is not None else "."),
-                            causes=("inputs not normalised, so the first layers produce large activations",
-                                    "a last layer initialised with too large weights",
-                                    "a loss that is not averaged over the batch"),
-                            advice=("normalise the inputs (see input_scale)",
-                                    "initialise the last layer with small weights (or zeros) and its bias to the class priors"),
-                            data=data)]
+            return [
+                Verdict(
+                    "init_loss",
+                    "warning",
+                    f"the loss at initialisation is {loss:.4g}, far above {base} = {predicted:.3g} for an uninformed "
+                    f"{task.kind} model: the outputs start confidently wrong"
+                    + (f" (logit spread {spread:.3g})." if spread is not None else "."),
+                    causes=(
+                        "inputs not normalised, so the first layers produce large activations",
+                        "a last layer initialised with too large weights",
+                        "a loss that is not averaged over the batch",
+                    ),
+                    advice=(
+                        "normalise the inputs (see input_scale)",
+                        "initialise the last layer with small weights (or zeros) and its bias to the class priors",
+                    ),
+                    data=data,
+                )
+            ]
         return []
     if task.kind == "regression":
         return _judge_regression_init(loss, task, match, data)
-    raise Skip(f"cannot tell what the initial loss should be ({task.reason or task.kind}); "
-               "pass num_classes= or expected_init_loss= to Preflight")
+    raise Skip(
+        f"cannot tell what the initial loss should be ({task.reason or task.kind}); "
+        "pass num_classes= or expected_init_loss= to Preflight"
+    )
 
 
 def _logit_spread(task: Task) -> float | None:
@@ -318,20 +401,34 @@ def _judge_regression_init(loss: float, task: Task, match: list[str], data: dict
     mean_square_y = float((y * y).mean())
     variance_y = float(y.var()) if y.numel() > 1 else 0.0
     mean_square_z = float((z * z).mean())
-    data.update(target_mean=float(y.mean()), target_std=variance_y ** 0.5, output_rms=mean_square_z ** 0.5)
+    data.update(target_mean=float(y.mean()), target_std=variance_y**0.5, output_rms=mean_square_z**0.5)
     if mean_square_z > OUTPUT_SCALE_RATIO * max(mean_square_y, 1e-12):
-        return [Verdict("init_loss", "warning",
-                        f"the loss at initialisation is {loss:.4g}: the outputs start with RMS {mean_square_z ** 0.5:.3g}, "
-                        f"far larger than the targets' {mean_square_y ** 0.5:.3g}.",
-                        causes=("unnormalised inputs", "a last layer initialised with large weights"),
-                        advice=("normalise the inputs", "initialise the last layer with small weights"), data=data)]
+        return [
+            Verdict(
+                "init_loss",
+                "warning",
+                f"the loss at initialisation is {loss:.4g}: the outputs start with RMS {mean_square_z ** 0.5:.3g}, "
+                f"far larger than the targets' {mean_square_y ** 0.5:.3g}.",
+                causes=("unnormalised inputs", "a last layer initialised with large weights"),
+                advice=("normalise the inputs", "initialise the last layer with small weights"),
+                data=data,
+            )
+        ]
     if variance_y > 0 and mean_square_y > TARGET_OFFSET_RATIO * variance_y:
-        return [Verdict("init_loss", "warning",
-                        f"the loss at initialisation is {loss:.4g}, dominated by the targets' offset: they have mean "
-                        f"{float(y.mean()):.4g} but spread {variance_y ** 0.5:.3g}, and the model starts near zero.",
-                        causes=("targets that are not standardised",),
-                        advice=("standardise the targets (and undo it at prediction time)",
-                                "or initialise the output bias to the targets' mean"), data=data)]
+        return [
+            Verdict(
+                "init_loss",
+                "warning",
+                f"the loss at initialisation is {loss:.4g}, dominated by the targets' offset: they have mean "
+                f"{float(y.mean()):.4g} but spread {variance_y ** 0.5:.3g}, and the model starts near zero.",
+                causes=("targets that are not standardised",),
+                advice=(
+                    "standardise the targets (and undo it at prediction time)",
+                    "or initialise the output bias to the targets' mean",
+                ),
+                data=data,
+            )
+        ]
     return []
 
 
@@ -348,15 +445,24 @@ SIMPLEX_ATOL = 1e-3
 RECTIFIED_SHARE = 0.25
 
 _SOFTMAX_TWICE = Verdict(
-    "output_activation", "error", "",
+    "output_activation",
+    "error",
+    "",
     causes=("a softmax at the end of the model, before a loss that applies softmax itself",),
-    advice=("return raw logits from the model and let cross_entropy apply log_softmax",
-            "or keep the softmax and use nll_loss(torch.log(p)) (less stable)"),
+    advice=(
+        "return raw logits from the model and let cross_entropy apply log_softmax",
+        "or keep the softmax and use nll_loss(torch.log(p)) (less stable)",
+    ),
 )
 
 
-def judge_output_activation(output: Tensor | None, target: Tensor | None, loss: float | None,
-                            num_classes: int | None = None, when: str = "at initialisation") -> Verdict | None:
+def judge_output_activation(
+    output: Tensor | None,
+    target: Tensor | None,
+    loss: float | None,
+    num_classes: int | None = None,
+    when: str = "at initialisation",
+) -> Verdict | None:
     """Say whether the output is handed to a loss that expects something else.
 
     Only speaks when a loss formula computed on the captured output reproduces the reported
@@ -375,46 +481,75 @@ def judge_output_activation(output: Tensor | None, target: Tensor | None, loss: 
         raw = output.detach().float()
         if _is_simplex(z, -1):
             if "cross_entropy" in match and "nll_of_log" not in match:
-                return _with(_SOFTMAX_TWICE, f"the outputs are already probabilities (non-negative, rows sum to 1) "
-                             f"and the loss {loss:.4g} is cross-entropy applied to them as logits {when}: softmax is "
-                             "applied twice, which caps the gradient and keeps the loss from falling.", data)
+                return _with(
+                    _SOFTMAX_TWICE,
+                    f"the outputs are already probabilities (non-negative, rows sum to 1) "
+                    f"and the loss {loss:.4g} is cross-entropy applied to them as logits {when}: softmax is "
+                    "applied twice, which caps the gradient and keeps the loss from falling.",
+                    data,
+                )
             if "nll_loss" in match:
-                return Verdict("output_activation", "error",
-                               f"the outputs are probabilities and the loss {loss:.4g} is nll_loss on them {when}; "
-                               "nll_loss expects log-probabilities.",
-                               causes=("a softmax output handed to nll_loss without a log",),
-                               advice=("end the model with log_softmax, or return logits and use cross_entropy",), data=data)
+                return Verdict(
+                    "output_activation",
+                    "error",
+                    f"the outputs are probabilities and the loss {loss:.4g} is nll_loss on them {when}; "
+                    "nll_loss expects log-probabilities.",
+                    causes=("a softmax output handed to nll_loss without a log",),
+                    advice=("end the model with log_softmax, or return logits and use cross_entropy",),
+                    data=data,
+                )
         elif raw.dim() == 2 and raw.shape[0] > 1 and raw.shape[0] != raw.shape[1] and _is_simplex(raw, 0):
-            return Verdict("output_activation", "error",
-                           f"the outputs sum to 1 down each column, over the {raw.shape[0]} samples of the batch, not "
-                           "across the classes: softmax is taken over the batch dimension.",
-                           causes=("softmax(dim=0) or a default dim where the batch comes first",),
-                           advice=("use softmax/log_softmax with dim=-1 (or drop it and feed logits to cross_entropy)",),
-                           data=data)
+            return Verdict(
+                "output_activation",
+                "error",
+                f"the outputs sum to 1 down each column, over the {raw.shape[0]} samples of the batch, not "
+                "across the classes: softmax is taken over the batch dimension.",
+                causes=("softmax(dim=0) or a default dim where the batch comes first",),
+                advice=("use softmax/log_softmax with dim=-1 (or drop it and feed logits to cross_entropy)",),
+                data=data,
+            )
         elif not _is_log_simplex(z) and "nll_loss" in match and "cross_entropy" not in match:
-            return Verdict("output_activation", "error",
-                           f"the loss {loss:.4g} is nll_loss on raw outputs {when}, but they are not log-probabilities "
-                           "(their exponentials do not sum to 1): nll_loss on logits is unbounded below.",
-                           causes=("logits handed to nll_loss / NLLLoss",),
-                           advice=("use cross_entropy on the logits, or apply log_softmax first",), data=data)
+            return Verdict(
+                "output_activation",
+                "error",
+                f"the loss {loss:.4g} is nll_loss on raw outputs {when}, but they are not log-probabilities "
+                "(their exponentials do not sum to 1): nll_loss on logits is unbounded below.",
+                causes=("logits handed to nll_loss / NLLLoss",),
+                advice=("use cross_entropy on the logits, or apply log_softmax first",),
+                data=data,
+            )
     else:
         inside = bool((z >= 0).all() and (z <= 1).all())
         if inside and not bool(((z == 0) | (z == 1)).all()) and "bce_with_logits" in match and "bce" not in match:
-            return Verdict("output_activation", "error",
-                           f"the outputs are already probabilities (all in [0, 1]) and the loss {loss:.4g} is "
-                           f"binary_cross_entropy_with_logits on them {when}: the sigmoid is applied twice.",
-                           causes=("a sigmoid at the end of the model before a loss that applies it itself",),
-                           advice=("return raw logits and keep binary_cross_entropy_with_logits",
-                                   "or keep the sigmoid and use binary_cross_entropy"), data=data)
+            return Verdict(
+                "output_activation",
+                "error",
+                f"the outputs are already probabilities (all in [0, 1]) and the loss {loss:.4g} is "
+                f"binary_cross_entropy_with_logits on them {when}: the sigmoid is applied twice.",
+                causes=("a sigmoid at the end of the model before a loss that applies it itself",),
+                advice=(
+                    "return raw logits and keep binary_cross_entropy_with_logits",
+                    "or keep the sigmoid and use binary_cross_entropy",
+                ),
+                data=data,
+            )
     zeros = float((z == 0).float().mean())
-    if bool((z >= 0).all()) and zeros >= RECTIFIED_SHARE and not _is_simplex(z, -1) and _mixed_rows(z) >= RECTIFIED_SHARE:
+    if (
+        bool((z >= 0).all())
+        and zeros >= RECTIFIED_SHARE
+        and not _is_simplex(z, -1)
+        and _mixed_rows(z) >= RECTIFIED_SHARE
+    ):
         data["zero_share"] = zeros
-        return Verdict("output_activation", "warning",
-                       f"{zeros:.0%} of the outputs are exactly zero and none is negative {when}: the output layer "
-                       "looks rectified (a ReLU after the last layer), so those logits get no gradient.",
-                       causes=("an activation (ReLU) after the final layer",),
-                       advice=("remove the activation after the last layer; losses on logits want the raw values",),
-                       data=data)
+        return Verdict(
+            "output_activation",
+            "warning",
+            f"{zeros:.0%} of the outputs are exactly zero and none is negative {when}: the output layer "
+            "looks rectified (a ReLU after the last layer), so those logits get no gradient.",
+            causes=("an activation (ReLU) after the final layer",),
+            advice=("remove the activation after the last layer; losses on logits want the raw values",),
+            data=data,
+        )
     return None
 
 
@@ -435,11 +570,16 @@ def _is_log_simplex(z: Tensor) -> bool:
 
 
 def _with(template: Verdict, message: str, data: dict[str, object]) -> Verdict:
-    return Verdict(template.check, template.severity, message, causes=template.causes, advice=template.advice, data=data)
+    return Verdict(
+        template.check, template.severity, message, causes=template.causes, advice=template.advice, data=data
+    )
 
 
-@register("output_activation", phase="fitted",
-          summary="outputs are the kind of values the loss expects (logits, probabilities, log-probabilities)")
+@register(
+    "output_activation",
+    phase="fitted",
+    summary="outputs are the kind of values the loss expects (logits, probabilities, log-probabilities)",
+)
 def output_activation(ctx: PreflightContext) -> Iterator[Verdict]:
     """Judged on the fitted outputs (far from uniform, so formulas differ clearly), else at init."""
     initial = ctx.initial

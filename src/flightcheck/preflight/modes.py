@@ -14,7 +14,9 @@ from flightcheck.preflight.registry import Skip, register
 NAMED_MODULES = 5
 
 
-def judge_train_mode(modes: Mapping[str, bool], kinds: Mapping[str, str], learning: Mapping[str, bool]) -> Verdict | None:
+def judge_train_mode(
+    modes: Mapping[str, bool], kinds: Mapping[str, str], learning: Mapping[str, bool]
+) -> Verdict | None:
     """Modules in eval mode during a training step, among those whose part of the model learns.
 
     Args:
@@ -29,14 +31,19 @@ def judge_train_mode(modes: Mapping[str, bool], kinds: Mapping[str, str], learni
     shown = ", ".join(f"{n} ({kinds.get(n, '?')})" for n in found[:NAMED_MODULES])
     more = len(found) - NAMED_MODULES
     return Verdict(
-        "train_mode", "warning",
+        "train_mode",
+        "warning",
         f"{len(found)} module{'s were' if len(found) != 1 else ' was'} in eval mode during a training step: {shown}"
         + (f" and {more} more" if more > 0 else "")
         + ". Dropout is off and batch norm uses (and never updates) its running statistics.",
-        causes=("model.eval() called in __init__, setup or a hook, and never undone",
-                "a submodule switched to eval for inference and left there"),
-        advice=("call self.train() at the start of training (or remove the eval() call)",
-                "to freeze a part on purpose, also set requires_grad_(False) on it"),
+        causes=(
+            "model.eval() called in __init__, setup or a hook, and never undone",
+            "a submodule switched to eval for inference and left there",
+        ),
+        advice=(
+            "call self.train() at the start of training (or remove the eval() call)",
+            "to freeze a part on purpose, also set requires_grad_(False) on it",
+        ),
         data={"modules": found},
     )
 

@@ -107,8 +107,10 @@ class GradientTracker:
     def close(self) -> dict[str, GradientFlags]:
         for h in self._handles:
             h.remove()
-        flags = [(bool(nz) if nz is not None else False, bool(fin) if fin is not None else True)
-                 for nz, fin in zip(self.nonzero, self.finite)]
+        flags = [
+            (bool(nz) if nz is not None else False, bool(fin) if fin is not None else True)
+            for nz, fin in zip(self.nonzero, self.finite)
+        ]
         return {
             name: GradientFlags(seen, nz, fin, p.numel())
             for (name, p), seen, (nz, fin) in zip(self.entries, self.seen, flags)
@@ -161,14 +163,16 @@ def probe_schedules(trainer: Any, advance: bool) -> list[dict[str, Any]]:
                 warnings.simplefilter("ignore")
                 for _ in range(best_k):
                     scheduler.step()
-        infos.append({
-            "scheduler": type(scheduler).__name__,
-            "interval": config.interval,
-            "optimizer": optimizer,
-            "start_lr": start,
-            "peak_lr": peak,
-            "peak_step": best_k,
-        })
+        infos.append(
+            {
+                "scheduler": type(scheduler).__name__,
+                "interval": config.interval,
+                "optimizer": optimizer,
+                "start_lr": start,
+                "peak_lr": peak,
+                "peak_step": best_k,
+            }
+        )
     return infos
 
 
@@ -248,9 +252,11 @@ def run_overfit(ctx: Any) -> OverfitRun:
                 break
             if now - last_said > PROGRESS_EVERY_SECONDS:
                 last_said = now
-                ctx.say(f"overfitting one batch: step {step + 1}/{options.max_steps}"
-                        + (f", loss {record.loss:.4g}" if record.loss is not None else "")
-                        + f" ({now - began:.0f} s of at most {options.max_seconds:.0f} s)")
+                ctx.say(
+                    f"overfitting one batch: step {step + 1}/{options.max_steps}"
+                    + (f", loss {record.loss:.4g}" if record.loss is not None else "")
+                    + f" ({now - began:.0f} s of at most {options.max_seconds:.0f} s)"
+                )
         else:
             run.stopped = "max_steps"
     finally:

@@ -50,7 +50,9 @@ _REGISTRY: dict[str, RegisteredCheck] = {}
 def register(name: str, *, phase: str, summary: str = "") -> Callable[[CheckFn], CheckFn]:
     """Add a check to the battery under ``name`` (one of ``flightcheck.PREFLIGHT_CHECKS``)."""
     if name not in PREFLIGHT_CHECKS:
-        raise ValueError(f"pre-flight check name {name!r} is not in flightcheck.PREFLIGHT_CHECKS {list(PREFLIGHT_CHECKS)}")
+        raise ValueError(
+            f"pre-flight check name {name!r} is not in flightcheck.PREFLIGHT_CHECKS {list(PREFLIGHT_CHECKS)}"
+        )
     if phase not in PHASES:
         raise ValueError(f"phase must be one of {list(PHASES)}, got {phase!r}")
 

@@ -29,6 +29,7 @@ class CheckRow:
     message: str = ""
     seconds: float = 0.0
     verdicts: list[Verdict] = dataclasses.field(default_factory=list)
+    traceback: str = ""  # for ``error`` rows: where the check failed
 
     @classmethod
     def from_verdicts(cls, check: str, verdicts: Sequence[Verdict], seconds: float) -> CheckRow:
@@ -36,7 +37,8 @@ class CheckRow:
             return cls(check, Status.PASS, "ok", seconds)
         worst = max(verdicts, key=lambda v: Severity.coerce(v.severity).rank)
         status = {Severity.ERROR: Status.FAIL, Severity.WARNING: Status.WARN, Severity.INFO: Status.PASS}[
-            Severity.coerce(worst.severity)]
+            Severity.coerce(worst.severity)
+        ]
         extra = sum(1 for v in verdicts if v is not worst and Severity.coerce(v.severity) != Severity.INFO)
         message = worst.message + (f" (+{extra} more)" if extra else "")
         return cls(check, status, message, seconds, list(verdicts))
@@ -47,9 +49,16 @@ class CheckRow:
             "status": self.status.value,
             "message": self.message,
             "seconds": round(self.seconds, 4),
+            **({"traceback": self.traceback} if self.traceback else {}),
             "verdicts": [
-                {"severity": Severity.coerce(v.severity).value, "message": v.message, "target": v.target,
-                 "causes": list(v.causes), "advice": list(v.advice), "data": jsonable(dict(v.data))}
+                {
+                    "severity": Severity.coerce(v.severity).value,
+                    "message": v.message,
+                    "target": v.target,
+                    "causes": list(v.causes),
+                    "advice": list(v.advice),
+                    "data": jsonable(dict(v.data)),
+                }
                 for v in self.verdicts
             ],
         }

@@ -77,7 +77,9 @@ def map_tensors(batch: Any, fn: Callable[[Path, Tensor], Tensor], path: Path = (
     if isinstance(batch, (list, tuple)):
         return type(batch)(map_tensors(v, fn, (*path, i)) for i, v in enumerate(batch))
     if dataclasses.is_dataclass(batch) and not isinstance(batch, type):
-        changes = {f.name: map_tensors(getattr(batch, f.name), fn, (*path, _Attr(f.name))) for f in dataclasses.fields(batch)}
+        changes = {
+            f.name: map_tensors(getattr(batch, f.name), fn, (*path, _Attr(f.name))) for f in dataclasses.fields(batch)
+        }
         return dataclasses.replace(batch, **changes)
     return batch
 

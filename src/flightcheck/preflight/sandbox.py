@@ -215,14 +215,21 @@ class Snapshot:
         groups = [{k: copy.deepcopy(v) for k, v in g.items() if k != "params"} for g in opt.param_groups]
         state = {}
         for p, s in opt.state.items():
-            state[p] = {k: (_copy_tensor(v, self.on_device) if isinstance(v, Tensor) else copy.deepcopy(v)) for k, v in s.items()}
-            self.nbytes += sum(v.copy.element_size() * v.copy.numel() for v in state[p].values() if isinstance(v, _Saved))
+            state[p] = {
+                k: (_copy_tensor(v, self.on_device) if isinstance(v, Tensor) else copy.deepcopy(v))
+                for k, v in s.items()
+            }
+            self.nbytes += sum(
+                v.copy.element_size() * v.copy.numel() for v in state[p].values() if isinstance(v, _Saved)
+            )
         # set by an LR scheduler once the optimizer has stepped; decides one of torch's warnings
         extras = {k: vars(opt)[k] for k in _OPTIMIZER_FLAGS if k in vars(opt)}
         return opt, groups, state, extras
 
     @staticmethod
-    def _restore_optimizer(opt: Any, groups: list[dict[str, Any]], state: dict[Any, Any], extras: dict[str, Any]) -> None:
+    def _restore_optimizer(
+        opt: Any, groups: list[dict[str, Any]], state: dict[Any, Any], extras: dict[str, Any]
+    ) -> None:
         for group, saved in zip(opt.param_groups, groups):
             params = group["params"]
             group.clear()
@@ -230,7 +237,9 @@ class Snapshot:
             group["params"] = params
         opt.state.clear()
         for p, s in state.items():
-            opt.state[p] = {k: (v.copy.to(v.device, copy=True) if isinstance(v, _Saved) else copy.deepcopy(v)) for k, v in s.items()}
+            opt.state[p] = {
+                k: (v.copy.to(v.device, copy=True) if isinstance(v, _Saved) else copy.deepcopy(v)) for k, v in s.items()
+            }
         for k in _OPTIMIZER_FLAGS:
             if k not in extras:
                 opt.__dict__.pop(k, None)
@@ -515,8 +524,11 @@ class StepRunner:
         manual_losses: list[Tensor] = []
         strategy = self.trainer.strategy
         frozen = [_frozen(o) for o in strategy._lightning_optimizers]
-        with _instance_patch(self.module, "manual_backward", lambda loss, *a, **k: manual_losses.append(loss)), \
-                _swapped(strategy, "_lightning_optimizers", frozen), within or contextlib.nullcontext():
+        with (
+            _instance_patch(self.module, "manual_backward", lambda loss, *a, **k: manual_losses.append(loss)),
+            _swapped(strategy, "_lightning_optimizers", frozen),
+            within or contextlib.nullcontext(),
+        ):
             try:
                 _, record = self._recorded(batch, manual_losses)
             except UserStepError as err:

@@ -74,8 +74,9 @@ def _binary_values(t: Tensor) -> bool:
     return bool(((t == 0) | (t == 1)).all())
 
 
-def infer_task(output: Tensor | None, target: Tensor | None, num_classes: int | None = None,
-               loss: float | None = None) -> Task:
+def infer_task(
+    output: Tensor | None, target: Tensor | None, num_classes: int | None = None, loss: float | None = None
+) -> Task:
     """Infer the task from the model's output and the target.
 
     Args:
@@ -109,11 +110,16 @@ def infer_task(output: Tensor | None, target: Tensor | None, num_classes: int | 
     if o.numel() != t.numel():
         return _unknown(f"output {tuple(o.shape)} and target {tuple(t.shape)} have different sizes")
     rows_sum_to_one = (
-        o.shape == t.shape and o.dim() >= 2 and o.shape[-1] >= 2 and bool(t.min() >= 0)
+        o.shape == t.shape
+        and o.dim() >= 2
+        and o.shape[-1] >= 2
+        and bool(t.min() >= 0)
         and bool(((t.sum(-1) - 1).abs() < 1e-4).all())
     )
     if rows_sum_to_one:
-        soft = Task("multiclass", num_classes or o.shape[-1], o.reshape(-1, o.shape[-1]), t.reshape(-1, t.shape[-1]), soft=True)
+        soft = Task(
+            "multiclass", num_classes or o.shape[-1], o.reshape(-1, o.shape[-1]), t.reshape(-1, t.shape[-1]), soft=True
+        )
         if not _binary_values(t):
             return soft
         if loss is not None and "bce_with_logits" in matching(loss, candidate_losses(soft)):

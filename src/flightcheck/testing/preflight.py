@@ -48,8 +48,16 @@ def _fit_arguments(data: Any) -> dict[str, Any]:
     return {"train_dataloaders": DataLoader(_OneBatch(data), batch_size=None)}
 
 
-def run_preflight(model: Any, data: Any = None, *, checks: Iterable[str] | None = None, skip: Iterable[str] = (),
-                  accelerator: str = "cpu", precision: Any = None, **options: Any) -> PreflightReport:
+def run_preflight(
+    model: Any,
+    data: Any = None,
+    *,
+    checks: Iterable[str] | None = None,
+    skip: Iterable[str] = (),
+    accelerator: str = "cpu",
+    precision: Any = None,
+    **options: Any,
+) -> PreflightReport:
     """Run the pre-flight on ``model`` and return its report (no training happens).
 
     Args:
@@ -75,10 +83,19 @@ def run_preflight(model: Any, data: Any = None, *, checks: Iterable[str] | None 
             q.setLevel(logging.ERROR)
         try:
             trainer = Trainer(
-                accelerator=accelerator, devices=1, max_steps=0, max_epochs=1, logger=False,
-                enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=root,
-                callbacks=[callback], **({"precision": precision} if precision is not None else {}),
+                accelerator=accelerator,
+                devices=1,
+                max_steps=0,
+                max_epochs=1,
+                logger=False,
+                enable_checkpointing=False,
+                enable_progress_bar=False,
+                enable_model_summary=False,
+                num_sanity_val_steps=0,
+                limit_val_batches=0,
+                default_root_dir=root,
+                callbacks=[callback],
+                **({"precision": precision} if precision is not None else {}),
             )
             trainer.fit(model, **_fit_arguments(data))
         finally:
@@ -116,10 +133,13 @@ def assert_overfits(model: Any, data: Any = None, **options: Any) -> CheckRow:
     return _assert_passes("overfit_batch", model, data, options)
 
 
-def assert_init_loss(model: Any, data: Any = None, *, num_classes: int | None = None,
-                     expected: float | None = None, **options: Any) -> CheckRow:
+def assert_init_loss(
+    model: Any, data: Any = None, *, num_classes: int | None = None, expected: float | None = None, **options: Any
+) -> CheckRow:
     """Assert that the loss at initialisation is what the loss predicts (ln C, ln 2, or ``expected``)."""
-    return _assert_passes("init_loss", model, data, {"num_classes": num_classes, "expected_init_loss": expected, **options})
+    return _assert_passes(
+        "init_loss", model, data, {"num_classes": num_classes, "expected_init_loss": expected, **options}
+    )
 
 
 def assert_gradients_flow(model: Any, data: Any = None, **options: Any) -> CheckRow:
