@@ -169,10 +169,12 @@ def test_tensorboard_gets_totals_first_and_layers_in_a_sub_folder(tmp_path):
     for kind in ("grad_norm", "weight_norm", "update_ratio"):
         assert f"flightcheck/{kind}/total" in tags
         assert {f"flightcheck/{kind}/layers/net.0", f"flightcheck/{kind}/layers/net.2"} <= tags
-    # the totals have a point for every optimizer step, not only the logging ones
-    assert [e.step for e in acc.Scalars("flightcheck/grad_norm/total")] == list(range(20))
-    # layers at every logging step (log_every_n_steps=5) and at each epoch's end (8 batches)
+    # every logging step (log_every_n_steps=5) and each epoch's end (8 batches an epoch)
     assert [e.step for e in acc.Scalars("flightcheck/weight_norm/layers/net.0")] == [4, 7, 9, 14, 15, 19]
+    # no step between two logs is missed: the interval's largest gradient norm is charted too
+    total = {e.step: e.value for e in acc.Scalars("flightcheck/grad_norm/total")}
+    peak = {e.step: e.value for e in acc.Scalars("flightcheck/grad_norm/interval_max")}
+    assert set(total) == set(peak) and all(peak[s] >= total[s] for s in total)
 
 
 def test_clipped_fraction_is_charted_when_the_trainer_clips(tmp_path):

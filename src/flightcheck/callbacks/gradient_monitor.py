@@ -42,6 +42,7 @@ from flightcheck.checks import Verdict
 from flightcheck.checks import gradients as judge
 from flightcheck.signals.layers import group_by_layer
 from flightcheck.signals.norms import foreach_norms, group_sums, step_grad_norms
+from flightcheck.signals.robust import trailing_medians
 from flightcheck.signals.updates import DEFAULT_BLOCK_SIZE, UpdateSample
 
 #: Rows of the device ring buffer are capped so that it stays under ~4 MiB of float32.
@@ -223,7 +224,7 @@ class GradientMonitor(FlightcheckCallback):
         self._layout: _Layout | None = None
         self._pending_state: dict[str, Any] = {}
         self._batch_open = False
-        self._meta: list[tuple[int, list[float]]] = []
+        self._meta: list[tuple[int, list[float], list[int]]] = []  # (step, learning rates, stepped slots)
         self._reset_history()
 
     # ------------------------------------------------------------------ state
@@ -232,7 +233,6 @@ class GradientMonitor(FlightcheckCallback):
         # per optimizer series (keyed by a stable name): normal gradient norms, recent ones, update ratios
         self._history: dict[str, collections.deque] = {}
         self._early: dict[str, list[float]] = {}
-        self._recent: dict[str, collections.deque] = {}
         self._ratios: dict[str, collections.deque] = {}  # (step, update ratio, learning rate)
         self._start_weight: dict[str, float] = {}
         self._peak_lr: dict[str, float] = {}
@@ -253,7 +253,7 @@ class GradientMonitor(FlightcheckCallback):
         self._no_grad_yet = {id(p) for i, p in enumerate(lay.params) if lay.opt_of[i] < lay.K}
         self._unsettled = set(range(P))  # never seen changing: still collecting evidence
         self._generation = 0
-        self._meta: list[tuple[int, list[float]]] = []
+        self._meta: list[tuple[int, list[float], list[int]]] = []  # (step, learning rates, stepped slots)
         self._batch_open = False
         self._row_due = False
         self._row_step = 0
@@ -271,7 +271,6 @@ class GradientMonitor(FlightcheckCallback):
             "steps_with_grads": self._steps_with_grads,
             "history": {k: list(v) for k, v in self._history.items()},
             "early": {k: list(v) for k, v in self._early.items()},
-            "recent": {k: list(v) for k, v in self._recent.items()},
             "ratios": {k: [list(t) for t in v] for k, v in self._ratios.items()},
             "start_weight": dict(self._start_weight),
             "peak_lr": dict(self._peak_lr),
@@ -283,8 +282,7 @@ class GradientMonitor(FlightcheckCallback):
     def load_extra_state(self, state: dict[str, Any]) -> None:
         self._reset_history()
         self._steps_with_grads = int(state.get("steps_with_grads", 0))
-        for attr, maxlen in (("history", judge.SPIKE_WINDOW), ("recent", judge.EXPLOSION_WINDOW),
-                             ("ratios", judge.UPDATE_RATIO_WINDOW)):
+        for attr, maxlen in (("history", judge.SPIKE_WINDOW), ("ratios", judge.UPDATE_RATIO_WINDOW)):
             store = getattr(self, f"_{attr}")
             for key, values in state.get(attr, {}).items():
                 store[key] = collections.deque([tuple(v) if isinstance(v, list) else v for v in values], maxlen=maxlen)
@@ -343,6 +341,7 @@ class GradientMonitor(FlightcheckCallback):
         self._row_lrs[k] = _learning_rate(optimizer)
         params, norms = step_grad_norms(trainer, optimizer)
         if params:
+            self._row_stepped.append(k)
             with torch.no_grad():
                 self._take_gradients(lay, k, params, norms)
         every = self.histogram_every_n_steps
@@ -354,6 +353,7 @@ class GradientMonitor(FlightcheckCallback):
         self._row_due = False
         self._row_step = int(trainer.global_step)
         self._row_lrs = [math.nan] * (lay.K + 1)
+        self._row_stepped: list[int] = []  # optimizer slots that had gradients on this step
         self._row.fill_(math.nan)
         lay.sample.snapshot()
         # Parameters in no optimizer keep their .grad (nobody zeroes it): note that they get one.
@@ -424,7 +424,7 @@ class GradientMonitor(FlightcheckCallback):
         torch.maximum(self._delta_max, delta_sq, out=self._delta_max)
         n = len(self._meta)
         self._ring[n].copy_(row)
-        self._meta.append((self._row_step, self._row_lrs))
+        self._meta.append((self._row_step, self._row_lrs, self._row_stepped))
         if self._row_due or len(self._meta) >= self._ring.shape[0]:
             self._flush(trainer)
 
@@ -454,12 +454,10 @@ class GradientMonitor(FlightcheckCallback):
             self._unsettled -= changed
             self._generation += 1
 
-        per_step = self._absorb_rows(lay, rows, meta, _norm_clip(trainer))
-        per_step[-1][1].update(self._layer_metrics(trainer, lay, rows, layer_w))
-        hub = self.hub(trainer)
-        for step, metrics in per_step:
-            hub.log_scalars(metrics, step=step)
         step = meta[-1][0]
+        metrics = self._absorb_rows(lay, rows, meta, _norm_clip(trainer))
+        metrics.update(self._layer_metrics(trainer, lay, rows, layer_w))
+        self.hub(trainer).log_scalars(metrics, step=step)
         verdicts = self._judge_series(lay, rows, step, _progress(trainer, step))
         verdicts += self._judge_parameters(lay, grad_steps, hits, delta_max, step)
         for slot, verdict, at in verdicts:
@@ -470,45 +468,38 @@ class GradientMonitor(FlightcheckCallback):
             return "unregistered_optimizer"
         return "total" if lay.K == 1 else f"optimizer_{k}"
 
-    def _absorb_rows(self, lay: _Layout, rows: np.ndarray, meta: list, clip: float) -> list[tuple[int, dict[str, float]]]:
-        """Extend the host-side histories with each step's row; returns each step's total scalars.
+    def _absorb_rows(self, lay: _Layout, rows: np.ndarray, meta: list, clip: float) -> dict[str, float]:
+        """Extend the host-side histories with the interval's rows and judge its spikes.
 
-        Spikes are judged here, step by step, against the history before each step, on the norm
-        that reaches the optimizer: under ``gradient_clip_val`` a spike is capped, which is what
-        the user asked clipping to do.
+        Returns the totals to chart at this logging step: the latest step's, and the largest
+        gradient norm of the interval (a spike between two logging steps stays visible).
         """
         numel = np.maximum(lay.layer_numel, 1)
-        per_step: list[tuple[int, dict[str, float]]] = []
-        self._spikes = {}
-        for row, (step, lrs) in zip(rows, meta):
+        metrics: dict[str, float] = {}
+        fresh: dict[str, list[tuple[float, int, str | None]]] = {}  # per series: (norm, step, top layer)
+        totals = []
+        for row, (step, lrs, stepped) in zip(rows, meta):
             g_layer, g_opt, d_opt, w_opt, w_layer = row[lay.G], row[lay.GO], row[lay.DO], row[lay.WO], row[lay.W]
             measured = np.isfinite(g_layer)
-            metrics: dict[str, float] = {}
             top = None
+            if stepped:  # charted as it is, inf or NaN included
+                totals.append(float(np.sqrt(sum(g_opt[k] for k in stepped))))
+                metrics["flightcheck/grad_norm/total"] = totals[-1]
             if measured.any():
-                metrics["flightcheck/grad_norm/total"] = float(np.sqrt(np.sum(g_layer[measured])))
                 top = lay.layers[int(np.argmax(np.where(measured, g_layer, -1.0)))]
                 with np.errstate(invalid="ignore"):
                     self._layer_rms.append(np.where(measured & (g_layer > 0), np.sqrt(g_layer / numel), np.nan))
-            for k in range(lay.K + 1):
-                if not np.isfinite(g_opt[k]):
-                    continue  # not stepped, or non-finite gradients (NonFiniteGuard's finding)
+            for k in stepped:
                 name = self._series_name(lay, k)
                 value = float(np.sqrt(g_opt[k]))
                 if lay.K > 1:
                     metrics[f"flightcheck/grad_norm/{name}"] = value
-                if value <= 0:
-                    continue  # no gradient at all this step: gradient_flow's business
+                if not value > 0 or not math.isfinite(value):
+                    continue  # none at all (gradient_flow's business) or non-finite (NonFiniteGuard's)
                 early = self._early.setdefault(name, [])
                 if len(early) < judge.EARLY_STEPS:
                     early.append(value)
-                ref = self._history.setdefault(name, collections.deque(maxlen=judge.SPIKE_WINDOW))
-                spike = judge.grad_spike(min(value, clip), ref, step=step, early_level=float(np.median(early)), target=name,
-                                         min_ratio=self.spike_min_ratio, top_layer=top)
-                if spike is not None and name not in self._spikes:
-                    self._spikes[name] = (spike, step)
-                ref.append(value)
-                self._recent.setdefault(name, collections.deque(maxlen=judge.EXPLOSION_WINDOW)).append(value)
+                fresh.setdefault(name, []).append((value, step, top))
                 self._start_weight.setdefault(name, float(w_opt[k]))
                 ratio = float(np.sqrt(d_opt[k] / w_opt[k])) if w_opt[k] > 0 and np.isfinite(d_opt[k]) else 0.0
                 if ratio > 0:  # 0: the optimizer skipped this step (fp16 overflow, learning rate 0)
@@ -522,13 +513,44 @@ class GradientMonitor(FlightcheckCallback):
             if np.all(np.isfinite(w_layer)):
                 self._weights.append(float(np.sqrt(w_layer.sum())))
                 self._layer_weights.append(np.sqrt(w_layer))
-            per_step.append((step, metrics))
-        return per_step
+        if totals:
+            metrics["flightcheck/grad_norm/interval_max"] = float(np.nanmax(totals)) if not np.isnan(totals).all() \
+                else math.nan
+        self._spikes = {}
+        for name, entries in fresh.items():
+            spike = self._first_spike(name, entries, clip)
+            if spike is not None:
+                self._spikes[name] = spike
+            history = self._history.setdefault(name, collections.deque(maxlen=judge.SPIKE_WINDOW))
+            history.extend(value for value, _, _ in entries)
+        return metrics
+
+    def _first_spike(self, name: str, entries: list[tuple[float, int, str | None]], clip: float):
+        """The interval's first spike of one series, each step judged against the steps before it.
+
+        Judged on the norm that reaches the optimizer: under ``gradient_clip_val`` a spike is
+        capped, which is what the user asked clipping to do. Only steps above ``spike_min_ratio``
+        times their rolling median (one vectorised median for the interval) go to the judge.
+        """
+        history = list(self._history.get(name, ()))
+        series = np.array(history + [min(value, clip) for value, _, _ in entries])
+        medians = trailing_medians(series, len(history), judge.SPIKE_WINDOW)
+        early_level = float(np.median(self._early[name]))
+        for j in np.flatnonzero(series[len(history) :] >= self.spike_min_ratio * medians):
+            i = len(history) + int(j)
+            _, step, top = entries[int(j)]
+            verdict = judge.grad_spike(float(series[i]), series[max(0, i - judge.SPIKE_WINDOW) : i], step=step,
+                                       early_level=early_level, target=name, min_ratio=self.spike_min_ratio,
+                                       top_layer=top)
+            if verdict is not None:
+                return verdict, step
+        return None
 
     def _judge_series(self, lay: _Layout, rows: np.ndarray, step: int, progress: float | None) -> list:
         verdicts: list[tuple[tuple[str, str], Verdict | None, int]] = []
         top = self._top_layer(lay, rows)
-        for name, recent in self._recent.items():
+        for name, history in self._history.items():
+            recent = list(history)[-judge.EXPLOSION_WINDOW :]
             explosion = judge.grad_explosion(recent, self._early.get(name, ()), target=name,
                                              factor=self.explosion_factor, top_layer=top)
             verdicts.append((("grad_explosion", name), explosion, step))

@@ -51,6 +51,26 @@ def robust_zscore(value: float, reference: Sequence[float] | np.ndarray, *, log:
     return (value - med) / max(MAD_TO_STD * mad, floor)
 
 
+def trailing_medians(values: Sequence[float] | np.ndarray, start: int, window: int) -> np.ndarray:
+    """For each index from ``start`` on, the median of the (up to) ``window`` entries before it.
+
+    Vectorised where the window is full, so judging a logging interval's worth of steps
+    against their own rolling medians costs one ``np.median`` call, not one per step.
+    """
+    arr = np.asarray(values, dtype=np.float64).ravel()
+    out = np.full(max(arr.size - start, 0), np.nan)
+    for i in range(start, arr.size):
+        if i >= window:
+            break
+        if i > 0:
+            out[i - start] = np.median(arr[:i])
+    first_full = max(start, window)
+    if first_full < arr.size:
+        windows = np.lib.stride_tricks.sliding_window_view(arr[first_full - window : arr.size - 1], window)
+        out[first_full - start :] = np.median(windows, axis=1)
+    return out
+
+
 def growth_by_part(values: Sequence[float] | np.ndarray, parts: int = 2) -> list[float]:
     """The factor by which a positive series grew across each of ``parts`` consecutive parts.
 
@@ -69,4 +89,4 @@ def growth_by_part(values: Sequence[float] | np.ndarray, parts: int = 2) -> list
     return out
 
 
-__all__ = ["MAD_TO_STD", "finite", "growth_by_part", "median_mad", "robust_zscore"]
+__all__ = ["MAD_TO_STD", "finite", "growth_by_part", "median_mad", "robust_zscore", "trailing_medians"]
