@@ -38,6 +38,10 @@ def _decay(start, rate, n, noise=0.0, floor=0.0):
     ]
 
 
+def _noise(n):
+    return torch.randn(n, generator=torch.Generator().manual_seed(2)).tolist()
+
+
 # --------------------------------------------------------------------------- overfit curve
 @pytest.mark.parametrize(
     ("losses", "kind"),
@@ -46,6 +50,8 @@ def _decay(start, rate, n, noise=0.0, floor=0.0):
         (_decay(2.3, 0.02, 60, noise=0.05), "falling"),  # not fitted within budget, but learning
         ([2.3 - 0.001 * i for i in range(100)], "slow"),  # a small learning rate: steady, not a bug
         ([1.1] * 50, "plateaus"),
+        ([2.3 - 0.003 * i + 0.01 * n for i, n in enumerate(_noise(100))], "slow"),  # noisy steps, steady trend
+        ([1.1 + 0.01 * n for n in _noise(100)], "plateaus"),
         (_decay(1.0, 0.3, 10, floor=0.9) + [0.9] * 60, "plateaus"),  # stalls right away far from zero
         ([1.0 + 0.02 * i for i in range(40)], "rises"),
         ([1.0, 1.5, 4.0, 30.0, float("nan")], "explodes"),

@@ -9,6 +9,7 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
+import torchmetrics
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
@@ -31,6 +32,7 @@ class StatefulNet(pl.LightningModule):
         )
         self.seen_steps = 0
         self.carry = torch.zeros(3)
+        self.mean_loss = torchmetrics.MeanMetric()
 
     def forward(self, x):
         return self.net(x)
@@ -41,6 +43,7 @@ class StatefulNet(pl.LightningModule):
         self.seen_steps += 1
         self.carry = 0.9 * self.carry + 0.1 * logits.detach().mean(0)
         loss = F.cross_entropy(logits, y) + 1e-3 * self.carry.sum()
+        self.mean_loss.update(loss.detach())
         self.log("train_loss", loss)
         return loss
 
@@ -99,6 +102,7 @@ def test_training_after_preflight_is_bit_identical(tmp_path, model_class):
     )
     assert plain.seen_steps == checked.seen_steps
     assert torch.equal(plain.carry, checked.carry)
+    assert torch.equal(plain.mean_loss.compute(), checked.mean_loss.compute())  # metric state untouched
     assert plain_draws == checked_draws
 
 

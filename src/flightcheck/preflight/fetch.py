@@ -99,9 +99,14 @@ def _first_batch_of(train_data: Any) -> Any:
 
 def request_train_data(trainer: Any) -> Any:
     """What the fit loop will get from its data source (its ``train_dataloader()`` call)."""
-    source = trainer.fit_loop._data_source
+    return request_data(trainer.fit_loop._data_source, "train_dataloader")
+
+
+def request_data(source: Any, name: str) -> Any:
+    """What a Lightning data source (``trainer.fit_loop._data_source``, or the validation loop's
+    ``trainer.fit_loop.epoch_loop.val_loop._data_source``) hands its loop: a loader or a collection."""
     if not source.is_defined():
-        raise NoBatch("no train_dataloader is defined")
+        raise NoBatch(f"no {name} is defined")
     try:
         from lightning.pytorch.trainer.connectors.data_connector import _request_dataloader
 
@@ -131,6 +136,7 @@ __all__ = [
     "flatten_loaders",
     "generators_preserved",
     "loader_generators",
+    "request_data",
     "request_train_data",
     "single_process",
 ]

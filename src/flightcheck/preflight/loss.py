@@ -34,10 +34,12 @@ RISE_TOLERANCE = 0.1
 #: A fall of this fraction of the starting loss within the budget is learning, even if short of
 #: the target: a learning rate tuned for a long run is not a bug.
 PROGRESS_FRACTION = 0.3
-#: Below that, a loss that falls on this share of steps and is not levelling off still counts as
-#: learning, slowly (a small learning rate); one that stalls is a plateau.
+#: Below that, a loss that still falls steadily counts as learning, slowly (a small learning rate);
+#: one that stalls is a plateau. "Steadily": it falls on this share of steps, or its linear trend
+#: is this many standard errors below zero (noisy steps: augmentation inside the step) ...
 STEADY_SHARE = 0.8
-#: "Not levelling off": the last third still falls at least this fraction of the first third's rate.
+STEADY_TREND_T = 3.0
+#: ... and it is not levelling off: its last third falls at least this fraction of its first's.
 STEADY_RATE_RATIO = 0.25
 #: Oscillation: the path the loss travels is this many times its net change, with swings over
 #: :data:`SWING_FRACTION` of the starting loss and a change of direction on :data:`REVERSAL_SHARE` of steps.
@@ -115,36 +117,39 @@ def classify_curve(
     (failing; ``maximised`` is a rising error behind a falling loss). The categories are
     exclusive and tested in that order. Losses may be negative.
     """
-    n = len(losses)
-    if n == 0:
+    if not losses:
         return "short", {"steps": 0}
     start = float(losses[0])
+    if not math.isfinite(start):
+        return "explodes", {"start": start, "nonfinite_at_step": 0.0}
     bad = next((i for i, v in enumerate(losses) if not math.isfinite(v)), None)
-    if bad is not None or not math.isfinite(start):
-        return "explodes", {"start": start, "nonfinite_at_step": float(bad or 0)}
+    finite = list(losses[:bad]) if bad is not None else list(losses)
+    n = len(finite)
     scale = max(abs(start), 1e-8)
-    peak = max(losses)
-    figures = {"start": start, "end": float(losses[-1]), "best": float(min(losses)), "max": float(peak)}
-    if peak - start > EXPLODE_FACTOR * scale:
-        return "explodes", figures
-    if n < MIN_JUDGED_STEPS:
-        return "short", figures
+    peak = max(finite)
+    figures = {"start": start, "end": float(finite[-1]), "best": float(min(finite)), "max": float(peak)}
     tail = max(2, n // 5)
-    end = statistics.median(losses[-tail:])
-    figures["end"] = float(end)
-    fraction_left = end / start if start > 0 else float("nan")
-    figures["fraction_left"] = fraction_left
-    scores = [c for c in correct if c is not None]
-    errs = [e for e in errors if e is not None and math.isfinite(e)]
+    end = statistics.median(finite[-tail:])
+    scores = [c for c in correct[:n] if c is not None]
+    errs = [e for e in errors[:n] if e is not None and math.isfinite(e)]
     if scores:
         figures["correct_start"], figures["correct_end"] = scores[0], scores[-1]
     if errs:
         figures["error_start"], figures["error_end"] = errs[0], errs[-1]
-    if end < start and (
+    if n >= MIN_JUDGED_STEPS and end < start and (
         (scores and scores[-1] < scores[0] - ACCURACY_DROP)
         or (errs and errs[-1] > errs[0] + max(ERROR_RISE * abs(errs[0]), 0.1))
     ):
-        return "maximised", figures  # the loss falls while the task's error rises
+        return "maximised", figures  # the loss falls (maybe to -inf) while the task's error rises
+    if bad is not None:
+        figures["nonfinite_at_step"] = float(bad)
+        return "explodes", figures
+    if peak - start > EXPLODE_FACTOR * scale:
+        return "explodes", figures
+    if n < MIN_JUDGED_STEPS:
+        return "short", figures
+    figures["end"] = float(end)
+    figures["fraction_left"] = end / start if start > 0 else float("nan")
     if scores and scores[-1] == 1.0:
         return "reached", figures
     if start > 0 and min(losses) <= target_fraction * start:
@@ -164,12 +169,28 @@ def classify_curve(
         return "oscillates", figures
     if end > start + RISE_TOLERANCE * scale:
         return "rises", figures
-    third = max(1, len(diffs) // 3)
-    early, late = -sum(diffs[:third]) / third, -sum(diffs[-third:]) / third
-    falling_share = sum(1 for d in diffs if d < 0) / max(len(diffs), 1)
-    if drop > 0 and falling_share >= STEADY_SHARE and early > 0 and late >= STEADY_RATE_RATIO * early:
+    if drop > 0 and _still_falling(losses):
         return "slow", figures
     return "plateaus", figures
+
+
+def _still_falling(losses: Sequence[float]) -> bool:
+    """A steady fall that has not levelled off (see :data:`STEADY_SHARE`)."""
+    n = len(losses)
+    diffs = [b - a for a, b in zip(losses, losses[1:])]
+    falling_share = sum(1 for d in diffs if d < 0) / max(len(diffs), 1)
+    xs = range(n)
+    mean_x, mean_y = (n - 1) / 2, sum(losses) / n
+    sxx = sum((x - mean_x) ** 2 for x in xs)
+    slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, losses)) / sxx
+    residual = sum((y - mean_y - slope * (x - mean_x)) ** 2 for x, y in zip(xs, losses))
+    stderr = math.sqrt(residual / max(n - 2, 1) / sxx)
+    steady = falling_share >= STEADY_SHARE or (slope < 0 and slope <= -STEADY_TREND_T * stderr)
+    third = max(1, n // 3)
+    first, middle, last = losses[:third], losses[third:-third] or losses[third:], losses[-third:]
+    early = statistics.fmean(first) - statistics.fmean(middle)
+    late = statistics.fmean(middle) - statistics.fmean(last)
+    return steady and early > 0 and late > 0 and late >= STEADY_RATE_RATIO * early
 
 
 def judge_overfit(run: OverfitRun) -> Verdict:
@@ -208,7 +229,11 @@ def judge_overfit(run: OverfitRun) -> Verdict:
         )
     what = {
         "rises": f"the loss rose from {start:.4g} to {end:.4g}",
-        "explodes": f"the loss exploded from {start:.4g} (max {figures.get('max', float('nan')):.4g})",
+        "explodes": (
+            f"the loss went from {start:.4g} to non-finite values at step {int(figures['nonfinite_at_step'])}"
+            if "nonfinite_at_step" in figures
+            else f"the loss exploded from {start:.4g} to {figures.get('max', float('nan')):.4g}"
+        ),
         "oscillates": f"the loss swung up and down without settling ({start:.4g} -> {end:.4g})",
         "plateaus": f"the loss stayed flat ({start:.4g} -> {end:.4g})",
         "maximised": f"the loss fell ({start:.4g} -> {end:.4g}) but the outputs got worse"

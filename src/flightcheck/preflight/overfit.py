@@ -190,6 +190,12 @@ class WarmupRamp:
             for group, lo, hi in zip(info["optimizer"].param_groups, info["start_lr"], info["peak_lr"]):
                 self.targets.append((group, lo, hi))
 
+    def fit_time(self, seconds_per_step: float, max_seconds: float) -> None:
+        """Shorten the ramp so it ends within the first share of what the time budget allows."""
+        if self.length and seconds_per_step > 0:
+            affordable = int(max_seconds / seconds_per_step)
+            self.length = max(1, min(self.length, affordable // WARMUP_SHARE))
+
     def apply(self, step: int) -> None:
         if not self.targets:
             return
@@ -226,6 +232,8 @@ def run_overfit(ctx: Any) -> OverfitRun:
             ramp.apply(step)
             record = ctx.runner.step(ctx.batch)
             now = time.perf_counter()
+            if step == 0:
+                ramp.fit_time(now - began, options.max_seconds)
             reason: str | None
             if record.error is not None:
                 run.error = record.error
