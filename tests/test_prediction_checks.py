@@ -91,6 +91,14 @@ def test_softmax_outputs_are_recognised_as_probabilities():
     assert not infer_output_kind(randn(8, 3).log_softmax(-1)).probabilities
 
 
+def test_yes_no_scores_are_probabilities_only_when_a_sigmoid_made_them():
+    logits = torch.rand(8, 1, generator=g)  # untrained logits can all sit in [0, 1]
+    labels = torch.randint(0, 2, (8,), generator=g)
+    assert not infer_output_kind(logits, labels, made_by="other").probabilities
+    assert infer_output_kind(logits, labels, made_by="sigmoid").probabilities
+    assert infer_output_kind(logits, labels).probabilities  # unknown origin: the range decides
+
+
 def test_a_forced_task_wins_and_an_unknown_one_is_refused():
     assert infer_output_kind(randn(8, 3), torch.randint(0, 3, (8,)), task="regression").task == "regression"
     assert infer_output_kind(randn(8, 3), task="multilabel").task == "multilabel"

@@ -223,6 +223,34 @@ def test_sequence_model_with_dict_batches_and_outputs_stays_quiet(tmp_path):
     assert cb.readings[-1].skill > 0.5  # it learned, and the probe saw it
 
 
+class BinaryHead(nn.Module):
+    """One logit per sample, starting inside [0, 1] for every input (a small positive bias);
+    with ``sigmoid=True`` the head returns the probability instead."""
+
+    def __init__(self, sigmoid=False):
+        super().__init__()
+        self.linear, self.sigmoid = nn.Linear(8, 1), sigmoid
+        with torch.no_grad():
+            self.linear.weight.mul_(0.01)
+            self.linear.bias.fill_(0.5)
+
+    def forward(self, x):
+        z = self.linear(x).squeeze(1)
+        return torch.sigmoid(z) if self.sigmoid else z
+
+
+@pytest.mark.parametrize("sigmoid", [False, True], ids=["logits", "probabilities"])
+def test_binary_logits_and_probabilities_are_told_apart_by_how_they_are_made(tmp_path, data, sigmoid):
+    x, y = data
+    y = (y == 0).float()
+    loss = F.binary_cross_entropy if sigmoid else F.binary_cross_entropy_with_logits
+    cb = fit(tmp_path, Generic(BinaryHead(sigmoid), loss, lr=0.05), loader(x, y), loader(x, y, shuffle=False), max_epochs=3)
+    assert cb._spec.kind == "binary" and cb._spec.probabilities is sigmoid
+    assert cb.findings == []
+    assert all(0.5 <= r.confidence <= 1.0 for r in cb.readings)
+    assert cb.readings[-1].skill > 0.8
+
+
 def test_prediction_fn_picks_the_prediction_out_of_a_tuple_output(tmp_path, data):
     class TupleOut(TinyClassifier):
         def forward(self, x):

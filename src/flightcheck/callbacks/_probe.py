@@ -18,6 +18,7 @@ comparisons afresh.
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -25,6 +26,8 @@ import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor, nn
+from torch.nn import functional as F
+from torch.overrides import TorchFunctionMode
 from torchmetrics import Metric
 
 from flightcheck.utils import modes_preserved, preserved_rng, tensors_in
@@ -236,6 +239,42 @@ def predict_probe(trainer: Any, pl_module: Any, batch: Any, prediction_fn: Predi
     return output
 
 
+def shares_memory(a: Tensor, b: Tensor) -> bool:
+    """Whether two live tensors are views of one storage (``b`` is ``a`` reshaped, squeezed...)."""
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
+_SQUASHES = {
+    **dict.fromkeys((torch.sigmoid, Tensor.sigmoid, F.sigmoid, torch.special.expit), "sigmoid"),
+    **dict.fromkeys((torch.softmax, Tensor.softmax, F.softmax), "softmax"),
+}
+
+
+class OutputOrigin(TorchFunctionMode):
+    """Watches a forward pass for sigmoids and softmaxes, to tell afterwards whether the
+    prediction is one's output: probabilities, not logits (weak references only, so nothing
+    is kept alive)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._made: list[tuple[str, Any]] = []
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        kind = _SQUASHES.get(func)
+        if kind is not None and isinstance(out, Tensor):
+            self._made.append((kind, weakref.ref(out)))
+        return out
+
+    def of(self, output: Tensor) -> str:
+        """``"sigmoid"``, ``"softmax"`` or ``"other"``."""
+        for kind, ref in reversed(self._made):
+            t = ref()
+            if t is not None and shares_memory(t, output):  # alive, so its memory was not reused
+                return kind
+        return "other"
+
+
 # --------------------------------------------------------------------------- cross-rank sums
 class SummedCounts(Metric):
     """A vector of counts summed over ranks on ``compute``.
@@ -261,6 +300,7 @@ __all__ = [
     "INPUT_KEYS",
     "OUTPUT_KEYS",
     "TARGET_KEYS",
+    "OutputOrigin",
     "ProbeSchedule",
     "ProbeSource",
     "SummedCounts",
@@ -273,4 +313,5 @@ __all__ = [
     "prediction_in",
     "probing",
     "public_attributes_preserved",
+    "shares_memory",
 ]

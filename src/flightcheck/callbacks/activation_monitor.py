@@ -28,6 +28,7 @@ from flightcheck.callbacks._probe import (
     default_prediction,
     predict_probe,
     probing,
+    shares_memory,
 )
 from flightcheck.callbacks.base import FlightcheckCallback, OnFinding
 from flightcheck.checks.activations import (
@@ -42,7 +43,7 @@ from flightcheck.checks.activations import (
     is_saturated_layer,
     saturation,
 )
-from flightcheck.signals.activations import tail_count, unit_axis, units_fired
+from flightcheck.signals.activations import tail_count, unit_axis, unit_peaks
 from flightcheck.utils import batch_size_of
 
 _RELU = frozenset({F.relu, torch.relu, torch.relu_, Tensor.relu, Tensor.relu_, F.relu6})
@@ -89,6 +90,7 @@ class _Recorder(TorchFunctionMode):
         self.last_leaf: nn.Module | None = None
         self.dead: dict[str, Tensor] = {}
         self.tails: dict[str, tuple[Tensor, Any]] = {}
+        self.nonfinite: list[Tensor] = []
         self._seen: dict[str, int] = {}
         self._handles: list[Any] = []
         for m in root.modules():
@@ -126,10 +128,13 @@ class _Recorder(TorchFunctionMode):
         if isinstance(x, Tensor) and x.is_floating_point() and x.numel():
             if _relu_like(func, args, kwargs):
                 channels_first = isinstance(self.last_leaf, _CHANNELS_FIRST)
-                self.dead[self._layer("relu")] = units_fired(x.detach(), unit_axis(x, channels_first))
+                peaks = unit_peaks(x.detach(), unit_axis(x, channels_first))  # before an in-place call
+                self.dead[self._layer("relu")] = (peaks > 0).float()
+                self.nonfinite.append((~torch.isfinite(peaks)).sum())
             elif func in _TANH or func in _SIGMOID:
                 limit = TANH_TAIL if func in _TANH else SIGMOID_TAIL
                 counts = tail_count(x.detach().float(), limit)  # read before an in-place call changes x
+                self.nonfinite.append((~torch.isfinite(x.detach())).sum())
                 out = func(*args, **kwargs)
                 op = "tanh" if func in _TANH else "sigmoid"
                 self.tails[self._layer(op)] = (counts, weakref.ref(out) if isinstance(out, Tensor) else None)
@@ -139,10 +144,9 @@ class _Recorder(TorchFunctionMode):
     def drop_output_layer(self, output: Tensor) -> None:
         """Leave out a squashing layer that produced the model's prediction itself: its
         saturation is the model's confidence, which PredictionStability watches."""
-        storage = output.untyped_storage().data_ptr()
         for name, (_, ref) in list(self.tails.items()):
             t = ref() if ref is not None else None  # alive, so its memory cannot have been reused
-            if t is not None and t.untyped_storage().data_ptr() == storage:
+            if t is not None and shares_memory(t, output):
                 del self.tails[name]
 
 
@@ -262,7 +266,11 @@ class ActivationMonitor(FlightcheckCallback):
             tails = [(name, counts) for name, (counts, _) in recorder.tails.items()]
             if not dead and not tails:
                 return
-            parts = [t for _, t in dead] + [c for _, c in tails]
+            # NaN/Inf activations are NonFiniteGuard's: such a probe is counted, then skipped
+            bad = torch.stack(recorder.nonfinite).sum()
+            if output.is_floating_point():
+                bad = bad + (~torch.isfinite(output)).sum()
+            parts = [t for _, t in dead] + [c for _, c in tails] + [bad]
             flat = torch.cat([p.reshape(-1).float() for p in parts])
             if self._counts is None or self._counts.counts.numel() != flat.numel():
                 self._counts = SummedCounts(flat.numel()).to(flat.device)
@@ -270,6 +278,8 @@ class ActivationMonitor(FlightcheckCallback):
             summed = self._counts.compute()  # summed over ranks: a unit is alive if it fired anywhere
             self._counts.reset()
         values = summed.tolist()  # the one host transfer of this probe
+        if values[-1] > 0:
+            return
         reading = self._reading(trainer, batch, dead, tails, values)
         self.readings = (self.readings + [reading])[-_HISTORY:]
         self._log(trainer, reading)

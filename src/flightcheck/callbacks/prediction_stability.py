@@ -19,6 +19,7 @@ from torch import Tensor
 from torchmetrics.aggregation import MeanMetric
 
 from flightcheck.callbacks._probe import (
+    OutputOrigin,
     PredictionFn,
     ProbeSchedule,
     ProbeSource,
@@ -33,6 +34,7 @@ from flightcheck.callbacks._probe import (
 )
 from flightcheck.callbacks.base import FlightcheckCallback, OnFinding
 from flightcheck.checks.predictions import (
+    CONFIDENT_MARGIN,
     DEFAULT_PATIENCE,
     ProbeReading,
     is_collapsed,
@@ -49,6 +51,7 @@ from flightcheck.signals.predictions import (
     answer_changes,
     answer_confidence,
     class_histogram,
+    confident,
     infer_output_kind,
     minority_share,
     normalized_entropy,
@@ -177,10 +180,12 @@ class PredictionStability(FlightcheckCallback):
     def _fresh_probe(self) -> None:
         """Forget everything tied to one probe batch (a new fit or a resumed run takes a new one)."""
         self._spec: OutputSpec | None = None
+        self._made_by: str | None = None
         self._labels: Tensor | None = None
         self._valid: Tensor | None = None
         self._first: Tensor | None = None
         self._previous: Tensor | None = None
+        self._previous_confidence: Tensor | None = None
         self._label_top_share: tuple[float, ...] | None = None
         self._target_spread: float | None = None
         self._target_variance: float | None = None
@@ -190,7 +195,7 @@ class PredictionStability(FlightcheckCallback):
         self._loss_steps = 0
         self._initial_sum: Tensor | None = None
         self._initial_steps = 0
-        self._pending: Tensor | None = None
+        self._pending: tuple[Tensor, Tensor | None] | None = None
 
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
@@ -234,7 +239,12 @@ class PredictionStability(FlightcheckCallback):
         if batch is None:
             return
         with probing(pl_module):
-            output = predict_probe(trainer, pl_module, batch, self.prediction_fn)
+            if self._spec is None:  # the first probe also reads how the prediction is made
+                with OutputOrigin() as origin:
+                    output = predict_probe(trainer, pl_module, batch, self.prediction_fn)
+                self._made_by = origin.of(output)
+            else:
+                output = predict_probe(trainer, pl_module, batch, self.prediction_fn)
             figures = self._measure(trainer, output, batch)
         values = _to_host(figures)
         reading = self._reading(trainer, values)
@@ -249,7 +259,7 @@ class PredictionStability(FlightcheckCallback):
         if self._spec is None:
             target = self.target_fn(batch)
             inputs = _inputs_or_none(batch)
-            self._spec = infer_output_kind(output, target, self.task, inputs)
+            self._spec = infer_output_kind(output, target, self.task, inputs, made_by=self._made_by)
             answers = predicted_answers(output, self._spec)
             self._labels = None if target is None else target_answers(target, self._spec, answers)
             self._valid = valid_positions(self._labels, self._spec, answers)
@@ -275,7 +285,8 @@ class PredictionStability(FlightcheckCallback):
         finite = torch.isfinite(output).all() if output.is_floating_point() else torch.ones((), dtype=torch.bool)
         mean("finite", finite.float().to(output.device))  # 1.0 only when every rank's output is finite
 
-        mean("churn", None if self._previous is None else answer_changes(self._previous, answers, spec), weight)
+        changes = None if self._previous is None else answer_changes(self._previous, answers, spec)
+        mean("churn", changes, weight)
         mean("drift", None if self._first is None else answer_changes(self._first, answers, spec), weight)
         labelled = self._labels is not None
         mean("agreement", answer_agreement(answers, self._labels, spec) if labelled else None, weight if labelled else None)
@@ -286,7 +297,14 @@ class PredictionStability(FlightcheckCallback):
                 mean("target_variance", variance(self._labels) if labelled else None)
         else:
             conf = answer_confidence(output, spec)
-            mean("confidence", conf, self._valid if spec.task == "multiclass" and conf.numel() else None)
+            if not conf.numel():
+                conf = None  # class ids: no probabilities
+            mean("confidence", conf, weight if conf is not None else None)
+            sure = None
+            if changes is not None and conf is not None and self._previous_confidence is not None:
+                # a flip between two answers the model was sure of: not a borderline case
+                sure = changes * (confident(self._previous_confidence, spec, CONFIDENT_MARGIN) & confident(conf, spec, CONFIDENT_MARGIN))
+            mean("confident_churn", sure, weight if sure is not None else None)
             histogram = self._counts("histogram", class_histogram(answers, spec, self._valid))
             figures["answers"] = histogram[0].sum()
             figures["diversity"] = normalized_entropy(histogram).mean()
@@ -302,9 +320,7 @@ class PredictionStability(FlightcheckCallback):
         if self._initial_sum is not None and self.initial_loss is None:
             mean("initial_loss", self._initial_sum / self._initial_steps)
         self._loss_sum, self._loss_steps = None, 0
-        if self._first is None:
-            self._first = answers
-        self._pending = answers
+        self._pending = (answers, None if regression else conf)
         return figures
 
     def _metric(self, name: str, cls: type, device: torch.device) -> Any:
@@ -326,11 +342,13 @@ class PredictionStability(FlightcheckCallback):
     def _reading(self, trainer: Any, values: dict[str, Any]) -> ProbeReading | None:
         spec = self._spec
         assert spec is not None
-        answers = self._pending
+        answers, conf = self._pending  # type: ignore[misc]
         self._pending = None
         if values["finite"] != 1.0:
             return None  # NaN/Inf outputs are NonFiniteGuard's; keep the last good answers
-        self._previous = answers
+        self._previous, self._previous_confidence = answers, conf
+        if self._first is None:
+            self._first = answers
         loss = _num(values["loss"])
         if "initial_loss" in values:
             self.initial_loss = _num(values["initial_loss"])
@@ -374,6 +392,7 @@ class PredictionStability(FlightcheckCallback):
             answers=int(values["answers"]),
             diversity=_num(values["diversity"]),
             confidence=_num(values.get("confidence")),
+            confident_churn=_num(values.get("confident_churn")),
             top_share=tuple(values["top_share"]),
             label_top_share=self._label_top_share,
             top_answer=int(values["top_answer"]) if spec.task == "multiclass" else None,

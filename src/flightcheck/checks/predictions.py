@@ -45,10 +45,13 @@ COLLAPSE_SPREAD_RATIO = 0.05
 #: models predicting the commonest token) and through a phase of many changing answers.
 FLAT_LOSS_IMPROVEMENT = 0.05
 
-#: Instability: at least this share of answers changes between consecutive probes, on most
-#: probes of the window. A healthy
-#: model past its fast phase changes only the answers near its decision boundary (a few %);
-#: a learning rate too high moves confident answers wholesale.
+#: An answer is one the model is sure of when its probability is at least this far from chance
+#: towards certainty (3 classes: p >= 0.67; binary: p >= 0.75).
+CONFIDENT_MARGIN = 0.5
+#: Instability: at least this share of answers changes between consecutive probes from one
+#: answer the model was sure of to another it is sure of, on most probes of the window. A
+#: healthy model flips the answers near its decision boundary, unsure ones (a slow learner can
+#: flip a third of them); a learning rate too high throws confident answers around wholesale.
 INSTABILITY_MIN_CHURN = 0.2
 #: ... for regression: the RMS change between probes is this fraction of the targets' spread.
 INSTABILITY_MIN_REGRESSION_CHURN = 0.25
@@ -86,6 +89,8 @@ class ProbeReading:
         diversity: entropy of the answers over ``ln C`` (mean over labels for multi-label);
             regression: ``spread / reference_spread``.
         confidence: mean probability of the model's own answers.
+        confident_churn: the share of answers that changed between two answers the model was
+            sure of (see :data:`CONFIDENT_MARGIN`); ``None`` without probabilities.
         loss: mean training loss since the previous probe, ``None`` when unknown.
         skill: how well the answers agree with the probe's labels, from 0 (no better than
             always giving the majority label) to 1 (all correct): ``(accuracy - majority share)
@@ -106,6 +111,7 @@ class ProbeReading:
     drift: float | None = None
     diversity: float | None = None
     confidence: float | None = None
+    confident_churn: float | None = None
     loss: float | None = None
     skill: float | None = None
     top_share: tuple[float, ...] = ()
@@ -158,9 +164,16 @@ def is_collapsed(r: ProbeReading) -> bool:
     return judged > 0 and collapsed == judged
 
 
+def instability_churn(r: ProbeReading) -> float | None:
+    """The churn instability is judged on: between confident answers when probabilities are
+    known, else all answers (regression: the RMS change)."""
+    return r.confident_churn if r.confident_churn is not None else r.churn
+
+
 def is_unstable(r: ProbeReading) -> bool:
     limit = INSTABILITY_MIN_REGRESSION_CHURN if r.task == "regression" else INSTABILITY_MIN_CHURN
-    return _finite(r.churn) and r.churn >= limit  # type: ignore[operator]
+    churn = instability_churn(r)
+    return _finite(churn) and churn >= limit  # type: ignore[operator]
 
 
 def is_still(r: ProbeReading) -> bool:
@@ -293,26 +306,35 @@ def prediction_collapse(
 def prediction_instability(
     readings: Sequence[ProbeReading], *, warmup_steps: int = 0, patience: int = DEFAULT_PATIENCE
 ) -> Verdict | None:
-    """Answers keep changing wholesale between probes (in most of the last ``patience``
-    probes) after the loss has stopped improving. Without a loss there is no telling a
-    model still learning from an unstable one, and nothing is judged."""
+    """Confident answers keep changing between probes (in most of the last ``patience``
+    probes) after the loss has stopped improving. Without a loss there is no telling a model
+    still learning from an unstable one, and nothing is judged; a collapsed model whose one
+    answer flips is reported as a collapse."""
     window = _window(readings, patience, warmup_steps)
     if window is None:
         return None
-    churns = [float(r.churn) for r in window]  # type: ignore[arg-type]
     if sum(is_unstable(r) for r in window) * 2 <= len(window):
         return None  # a median over the window: one quiet probe between close steps does not clear it
+    if all(is_collapsed(r) for r in window):
+        return None
+    churns = [float(r.churn) for r in window]  # type: ignore[arg-type]
+    judged = [float(instability_churn(r)) for r in window]  # type: ignore[arg-type]
     medians = loss_medians(readings, patience)
     improvement = None if medians is None else relative_improvement(*medians)
     if medians is None or improvement is None or improvement >= FLAT_LOSS_IMPROVEMENT:
         return None
-    typical = statistics.median(churns)
+    typical = statistics.median(judged)
     if window[-1].task == "regression":
         moved = f"the probe's predictions moved by {typical:.0%} of their expected spread between probes"
+    elif window[-1].confident_churn is not None:
+        moved = (
+            f"{typical:.0%} of the probe's answers flipped from one confident answer to another between probes "
+            f"({statistics.median(churns):.0%} changed in all)"
+        )
     else:
-        moved = f"{typical:.0%} of the probe's answers changed between consecutive probes"
+        moved = f"{typical:.0%} of the probe's answers changed between probes"
     message = (
-        f"Typically {moved} over {patience} probes ({_steps(window)}) while the training loss "
+        f"Typically {moved}, over {patience} probes ({_steps(window)}), while the training loss "
         f"stopped falling (median {medians[0]:.4g} -> {medians[1]:.4g})."
     )
     return Verdict(
@@ -333,6 +355,7 @@ def prediction_instability(
         data={
             "steps": [r.step for r in window],
             "churn": churns,
+            "confident_churn": [r.confident_churn for r in window],
             "loss_before": medians[0],
             "loss_now": medians[1],
             "loss_improvement": improvement,
@@ -365,10 +388,13 @@ def prediction_stagnation(
     if improvement is not None:
         if improvement >= STAGNATION_MAX_LOSS_IMPROVEMENT:
             return None  # converged (or learned down to a noise floor): healthy
-        loss = (
-            f" while the training loss is {improvement:.0%} below where it started "
-            f"({initial_loss:.4g} -> {current:.4g})"
-        )
+        if improvement >= 0.005:
+            where = f"only {improvement:.0%} below where it started"
+        elif improvement <= -0.005:
+            where = f"{-improvement:.0%} above where it started"
+        else:
+            where = "still where it started"
+        loss = f" while the training loss is {where} ({initial_loss:.4g} -> {current:.4g})"
     elif _finite(last.drift) and last.drift <= STAGNATION_MAX_DRIFT:  # type: ignore[operator]
         loss = f" and they differ from the untrained model's by {last.drift:.1%}"
     else:
@@ -410,6 +436,7 @@ def prediction_stagnation(
 
 __all__ = [
     "COLLAPSE_MINORITY_RATIO",
+    "CONFIDENT_MARGIN",
     "COLLAPSE_MIN_LABEL_MINORITY",
     "COLLAPSE_SPREAD_RATIO",
     "COLLAPSE_TOP_SHARE",
@@ -426,6 +453,7 @@ __all__ = [
     "collapsed_groups",
     "is_collapsed",
     "is_still",
+    "instability_churn",
     "is_unstable",
     "loss_improvement",
     "loss_medians",

@@ -22,13 +22,19 @@ def unit_axis(x: Tensor, channels_first: bool) -> int | None:
     return x.dim() - 1
 
 
+def unit_peaks(pre_activation: Tensor, axis: int | None) -> Tensor:
+    """Per unit the largest pre-activation over the batch (and every other axis); NaN when
+    any of its values is NaN."""
+    if axis is None:
+        return pre_activation.amax().reshape(1)
+    dims = [d for d in range(pre_activation.dim()) if d != axis]
+    return pre_activation.amax(dim=dims)
+
+
 def units_fired(pre_activation: Tensor, axis: int | None) -> Tensor:
     """Per unit 1.0 if its pre-activation was positive anywhere in the batch, else 0.0 (a
     ReLU-family unit that is never positive outputs zero and passes no gradient)."""
-    if axis is None:
-        return (pre_activation.amax() > 0).float().reshape(1)
-    dims = [d for d in range(pre_activation.dim()) if d != axis]
-    return (pre_activation.amax(dim=dims) > 0).float()
+    return (unit_peaks(pre_activation, axis) > 0).float()
 
 
 def tail_count(pre_activation: Tensor, limit: float) -> Tensor:
@@ -37,4 +43,4 @@ def tail_count(pre_activation: Tensor, limit: float) -> Tensor:
     return torch.stack([inside, torch.tensor(float(pre_activation.numel()), device=inside.device)])
 
 
-__all__ = ["tail_count", "unit_axis", "units_fired"]
+__all__ = ["tail_count", "unit_axis", "unit_peaks", "units_fired"]

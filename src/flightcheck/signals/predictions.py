@@ -55,7 +55,11 @@ class OutputSpec:
 
 # --------------------------------------------------------------------------- inference
 def infer_output_kind(
-    output: Tensor, target: Tensor | None = None, task: str = "auto", inputs: Tensor | None = None
+    output: Tensor,
+    target: Tensor | None = None,
+    task: str = "auto",
+    inputs: Tensor | None = None,
+    made_by: str | None = None,
 ) -> OutputSpec:
     """Read what kind of prediction ``output`` is, using the batch's ``target`` when there is one.
 
@@ -65,6 +69,11 @@ def infer_output_kind(
     (regression). A target settles the ambiguous cases: integer labels make a classifier,
     0/1 targets of the output's shape a multi-label one, other real-valued targets a
     regression, and its shape tells ``(B, C, L)`` from ``(B, T, C)``.
+
+    ``made_by`` names the function that produced the output when it was watched being made
+    (``"sigmoid"``, ``"softmax"``, or ``"other"``): yes/no scores are probabilities only when
+    a sigmoid made them, since untrained logits often all sit in ``[0, 1]``. Unknown
+    (``None``): scores all in ``[0, 1]`` are taken for probabilities.
     """
     if task not in TASKS:
         raise ValueError(f"task must be one of {list(TASKS)}, got {task!r}")
@@ -77,8 +86,8 @@ def infer_output_kind(
     if task == "regression":
         return OutputSpec("regression", "regression")
     if task in ("binary", "multilabel"):
-        return _forced_multilabel(output, target)
-    spec = _infer_scores(output, target, task)
+        return _made_by(_forced_multilabel(output, target), made_by)
+    spec = _made_by(_infer_scores(output, target, task), made_by)
     if (
         task == "auto"
         and spec.task != "regression"
@@ -87,6 +96,16 @@ def infer_output_kind(
         and (target is None or target_answers(target, spec, predicted_answers(output, spec)) is None)
     ):
         return OutputSpec("regression", "regression")  # a reconstruction of its input
+    return spec
+
+
+def _made_by(spec: OutputSpec, made_by: str | None) -> OutputSpec:
+    if made_by is None:
+        return spec
+    if spec.task == "multilabel":
+        return dataclasses.replace(spec, probabilities=made_by == "sigmoid")
+    if spec.task == "multiclass" and made_by == "softmax":
+        return dataclasses.replace(spec, probabilities=True)
     return spec
 
 
@@ -346,6 +365,13 @@ def answer_confidence(output: Tensor, spec: OutputSpec) -> Tensor:
     return torch.maximum(p, 1 - p).mean(dim=-1)
 
 
+def confident(confidence: Tensor, spec: OutputSpec, margin: float) -> Tensor:
+    """Per answer whether the model is sure of it: its confidence is at least ``margin`` of the
+    way from chance (``1 / C``; 0.5 per label) to certainty."""
+    chance = 1.0 / spec.num_classes if spec.task == "multiclass" and spec.num_classes > 1 else 0.5
+    return confidence >= chance + margin * (1.0 - chance)
+
+
 __all__ = [
     "TASKS",
     "OutputSpec",
@@ -354,6 +380,7 @@ __all__ = [
     "answer_confidence",
     "churn",
     "class_histogram",
+    "confident",
     "infer_output_kind",
     "minority_share",
     "normalized_entropy",
