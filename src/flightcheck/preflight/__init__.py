@@ -11,7 +11,25 @@ Layout:
 - one module per family of checks (``data``, ``loss``, ``gradients``, ``batch``, ``modes``);
 - :mod:`~flightcheck.preflight.report` and :mod:`~flightcheck.preflight.battery`.
 
-A new family of checks is a module here that registers its checks, listed in :data:`CHECK_MODULES`.
+A new family of checks is a module here that registers its checks, listed in :data:`CHECK_MODULES`::
+
+    from flightcheck.preflight.registry import Skip, register
+
+    @register("target_leakage", phase="fitted", summary="the model does not read its targets")
+    def target_leakage(ctx):
+        if ctx.target_path is None:
+            raise Skip("no target in the batch")
+        shuffled = ctx.target[torch.randperm(len(ctx.target), device=ctx.target.device)]
+        permuted = ctx.evaluate(ctx.replaced({ctx.target_path: shuffled}))  # the user's own step
+        ...  # compare with ctx.fitted.loss and ctx.overfit.initial_loss; yield Verdicts
+
+What a check can use: ``ctx.batch`` / ``ctx.target`` / ``ctx.inputs`` / ``ctx.replaced(...)``,
+``ctx.initial`` (the step at initialisation), ``ctx.task``, ``ctx.overfit`` (the shared run:
+losses, gradients, learning rates) and ``ctx.fitted`` (the step after it), ``ctx.evaluate(batch)``
+(the step on a modified batch, nothing updated), ``ctx.initial_value(name)`` (a weight before the
+overfit), :func:`~flightcheck.preflight.batch.probed_inputs` (gradients of the output with respect
+to the inputs, token ids included), and :mod:`~flightcheck.preflight.fetch` (loaders' batches
+without consuming them). Everything is undone when the battery ends.
 """
 
 from __future__ import annotations

@@ -21,7 +21,6 @@ import dataclasses
 import math
 import random
 import warnings
-from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -64,11 +63,19 @@ _PLAIN = (int, float, bool, str, bytes, type(None), complex, np.generic)
 _UNSUPPORTED = object()
 
 
+@dataclasses.dataclass
+class _Container:
+    """A saved list/tuple/set/dict: its type, the original object (mutable ones are refilled in
+    place, since others may hold a reference to them) and its saved items."""
+
+    kind: type
+    original: Any
+    items: Any  # list of saved values, or dict of key -> saved value
+
+
 def _copy_tree(value: Any, on_device: bool, depth: int = 0) -> Any:
     """A copy of plain state (tensors, numbers, strings and containers of them), else ``_UNSUPPORTED``."""
-    if depth > 6:
-        return _UNSUPPORTED
-    if isinstance(value, nn.Parameter):
+    if depth > 6 or isinstance(value, nn.Parameter):
         return _UNSUPPORTED
     if isinstance(value, Tensor):
         return _copy_tensor(value, on_device)
@@ -76,16 +83,12 @@ def _copy_tree(value: Any, on_device: bool, depth: int = 0) -> Any:
         return value
     if isinstance(value, np.ndarray):
         return value.copy()
-    if isinstance(value, (list, tuple, set, frozenset)) and not hasattr(value, "_fields"):
+    if type(value) in (list, tuple, set, frozenset):
         items = [_copy_tree(v, on_device, depth + 1) for v in value]
-        if any(i is _UNSUPPORTED for i in items):
-            return _UNSUPPORTED
-        return (type(value), items)
-    if type(value) in (dict, defaultdict) or (isinstance(value, dict) and type(value).__module__ == "collections"):
-        items = {k: _copy_tree(v, on_device, depth + 1) for k, v in value.items()}
-        if any(i is _UNSUPPORTED for i in items.values()):
-            return _UNSUPPORTED
-        return (dict, value, items)
+        return _UNSUPPORTED if any(i is _UNSUPPORTED for i in items) else _Container(type(value), value, items)
+    if isinstance(value, dict) and (type(value) is dict or type(value).__module__ == "collections"):
+        saved = {k: _copy_tree(v, on_device, depth + 1) for k, v in value.items()}
+        return _UNSUPPORTED if any(i is _UNSUPPORTED for i in saved.values()) else _Container(dict, value, saved)
     return _UNSUPPORTED
 
 
@@ -94,24 +97,30 @@ def _restore_tree(saved: Any) -> Any:
         return saved.copy.to(saved.device, copy=True)
     if isinstance(saved, np.ndarray):
         return saved.copy()
-    if isinstance(saved, tuple) and len(saved) == 3 and saved[0] is dict:
-        _, original, items = saved
-        original.clear()  # refill the original mapping: others may hold a reference to it
-        original.update({k: _restore_tree(v) for k, v in items.items()})
+    if not isinstance(saved, _Container):
+        return saved
+    original = saved.original
+    if saved.kind is dict:
+        original.clear()
+        original.update({k: _restore_tree(v) for k, v in saved.items.items()})
         return original
-    if isinstance(saved, tuple) and len(saved) == 2 and isinstance(saved[0], type):
-        kind, items = saved
-        return kind(_restore_tree(v) for v in items)
-    return saved
+    items = [_restore_tree(v) for v in saved.items]
+    if saved.kind is list:
+        original[:] = items
+        return original
+    if saved.kind is set:
+        original.clear()
+        original.update(items)
+        return original
+    return saved.kind(items)
 
 
 def _tree_bytes(saved: Any) -> int:
     if isinstance(saved, _Saved):
         return saved.copy.element_size() * saved.copy.numel()
-    if isinstance(saved, tuple) and len(saved) == 3 and saved[0] is dict:
-        return sum(_tree_bytes(v) for v in saved[2].values())
-    if isinstance(saved, tuple) and len(saved) == 2 and isinstance(saved[0], type):
-        return sum(_tree_bytes(v) for v in saved[1])
+    if isinstance(saved, _Container):
+        values = saved.items.values() if saved.kind is dict else saved.items
+        return sum(_tree_bytes(v) for v in values)
     return 0
 
 
@@ -167,6 +176,8 @@ class Snapshot:
                             grad = None if t.grad is None else _copy_tensor(t.grad, on_device)
                             self._grads.append((t, grad))
         self._extra = self._save_extra_state(module)
+        # submodules too: a step that creates or swaps one must not leave it behind
+        self._children = [(m, dict(m._modules)) for m in module.modules()]
         self._optimizers = [self._save_optimizer(opt) for opt in getattr(trainer, "optimizers", []) or []]
         self._schedulers = []
         for config in getattr(trainer, "lr_scheduler_configs", []) or []:
@@ -260,6 +271,9 @@ class Snapshot:
             p.grad = None if grad is None else grad.copy.to(grad.device, copy=True)
         for p, flag in self._requires_grad:
             p.requires_grad_(flag)
+        for m, children in self._children:
+            m._modules.clear()
+            m._modules.update(children)
         self._restore_extra_state(self._extra)
         for opt, groups, state, extras in self._optimizers:
             self._restore_optimizer(opt, groups, state, extras)
