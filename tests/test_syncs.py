@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from torch.nn import functional as F
 
-from flightcheck import GradientMonitor, NonFiniteGuard
+from flightcheck import ActivationMonitor, GradientMonitor, NonFiniteGuard, PredictionStability
 from flightcheck.callbacks.base import FlightcheckCallback
 from flightcheck.testing import SyncCounter
 from tests.conftest import TinyClassifier, cluster_data, loader, make_trainer
@@ -27,6 +27,8 @@ from tests.conftest import TinyClassifier, cluster_data, loader, make_trainer
 MONITORS: list[Any] = [
     pytest.param(GradientMonitor, id="GradientMonitor"),
     pytest.param(NonFiniteGuard, id="NonFiniteGuard"),
+    pytest.param(PredictionStability, id="PredictionStability"),
+    pytest.param(ActivationMonitor, id="ActivationMonitor"),
 ]
 
 #: Hooks Lightning calls inside a training batch: the ones that run on every step.

@@ -86,9 +86,44 @@ def prediction_in(output: Any) -> Tensor:
     raise TypeError(f"the model returned {type(output).__name__} with no tensor in it; give a prediction_fn")
 
 
-def default_prediction(pl_module: Any, batch: Any) -> Tensor:
-    """``pl_module(default_inputs(batch))``, then :func:`prediction_in` of what it returns."""
-    return prediction_in(pl_module(default_inputs(batch)))
+class DefaultPrediction:
+    """The default ``prediction_fn``: :func:`prediction_in` of ``pl_module(x)`` with ``x`` the
+    batch's input (:func:`default_inputs`), else of ``pl_module(batch)`` for a ``forward``
+    that takes the whole batch. The form that worked the first time is kept."""
+
+    def __init__(self) -> None:
+        self.whole_batch: bool | None = None
+
+    def __call__(self, pl_module: Any, batch: Any) -> Tensor:
+        if self.whole_batch is not None:
+            return prediction_in(pl_module(batch if self.whole_batch else default_inputs(batch)))
+        try:
+            output = prediction_in(pl_module(default_inputs(batch)))
+            self.whole_batch = False
+        except Exception as err:  # noqa: BLE001 - a forward with another signature: try the batch
+            try:
+                output = prediction_in(pl_module(batch))
+            except Exception:  # noqa: BLE001
+                raise err from None
+            self.whole_batch = True
+        return output
+
+
+def model_unreachable(callback: Any, trainer: Any, err: BaseException) -> None:
+    """Say once, as information, that the default prediction cannot call this model, so the
+    callback is off for the run: a model flightcheck cannot call is no alarm about training."""
+    name = type(callback).__name__
+    callback.report(
+        trainer,
+        "internal_error",
+        "info",
+        f"{name} cannot get a prediction from this model by itself ({type(err).__name__}: {err}); "
+        f"it is off for this run.",
+        causes=("a forward that takes other arguments than the batch's input or the batch, or returns no prediction tensor",),
+        advice=(f"give {name}(prediction_fn=lambda module, batch: ...) returning the prediction tensor",),
+        target=f"{name}.prediction_fn",
+        data={"error": repr(err)},
+    )
 
 
 def copy_batch(batch: Any) -> Any:
@@ -156,7 +191,8 @@ class ProbeSchedule:
         within half an interval of the last probe is skipped, not postponed, so probes stay on
         the logging steps."""
         if self.last_step is None:
-            return True
+            self.mark(trainer)  # counting starts now
+            return False
         boundary = int(trainer.global_step) // self.interval(trainer)
         if boundary <= self._boundary:
             return False
@@ -306,7 +342,8 @@ __all__ = [
     "SummedCounts",
     "copy_batch",
     "default_inputs",
-    "default_prediction",
+    "DefaultPrediction",
+    "model_unreachable",
     "default_target",
     "fitting",
     "predict_probe",

@@ -25,7 +25,8 @@ from flightcheck.callbacks._probe import (
     ProbeSchedule,
     ProbeSource,
     SummedCounts,
-    default_prediction,
+    DefaultPrediction,
+    model_unreachable,
     predict_probe,
     probing,
     shares_memory,
@@ -224,7 +225,9 @@ class ActivationMonitor(FlightcheckCallback):
             raise TypeError(f"per_layer must be True or False, got {per_layer!r}")
         self._source = ProbeSource(probe_batch)
         self._schedule = ProbeSchedule(every_n_steps)
-        self.prediction_fn: PredictionFn = prediction_fn or default_prediction
+        self.prediction_fn: PredictionFn = prediction_fn or DefaultPrediction()
+        self._off = False
+        self._reached = False
         self.warmup_steps = warmup_steps
         self.patience = patience
         self.per_layer = per_layer
@@ -237,16 +240,18 @@ class ActivationMonitor(FlightcheckCallback):
         if stage == "fit":
             self._source.reset()
             self._schedule.reset()
+            self._off = self._reached = False
 
     def on_validation_batch_start(
         self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
         self._source.offer_validation(trainer, batch, batch_idx, dataloader_idx)
 
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        self._schedule.mark(trainer)  # the schedule counts from the first step (or the resumed one)
+
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         self._source.offer_training(trainer, batch)
-        if self._schedule.last_step is None:
-            self._schedule.mark(trainer)  # the schedule counts from the first step
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self._schedule.due(trainer):
@@ -255,12 +260,20 @@ class ActivationMonitor(FlightcheckCallback):
     # ------------------------------------------------------------------ the probe
     def _probe(self, trainer: Any, pl_module: Any) -> None:
         self._schedule.mark(trainer)
-        batch = self._source.get(trainer, pl_module)
+        batch = None if self._off else self._source.get(trainer, pl_module)
         if batch is None:
             return
         with probing(pl_module):
-            with _recording(pl_module) as recorder:
-                output = predict_probe(trainer, pl_module, batch, self.prediction_fn)
+            try:
+                with _recording(pl_module) as recorder:
+                    output = predict_probe(trainer, pl_module, batch, self.prediction_fn)
+            except Exception as err:
+                if self._reached or not isinstance(self.prediction_fn, DefaultPrediction):
+                    raise
+                self._off = True
+                model_unreachable(self, trainer, err)
+                return
+            self._reached = True
             recorder.drop_output_layer(output)
             dead = list(recorder.dead.items())
             tails = [(name, counts) for name, (counts, _) in recorder.tails.items()]

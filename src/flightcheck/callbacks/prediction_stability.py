@@ -26,9 +26,10 @@ from flightcheck.callbacks._probe import (
     SummedCounts,
     TargetFn,
     default_inputs,
-    default_prediction,
+    DefaultPrediction,
     default_target,
     fitting,
+    model_unreachable,
     predict_probe,
     probing,
 )
@@ -115,8 +116,10 @@ class PredictionStability(FlightcheckCallback):
         prediction_fn: ``prediction_fn(pl_module, batch) -> Tensor``, the prediction to watch.
             Default: ``pl_module(x)`` with ``x`` the batch's first element (tuple/list), its
             ``"x"``/``"input"``/``"inputs"``/``"input_ids"``/``"image"``/... entry (dict) or
-            the batch itself (tensor); of a dict output its ``"logits"``/``"preds"``/``"y_hat"``
-            entry, else the first tensor of the output (first element of a tuple).
+            the batch itself (tensor), else ``pl_module(batch)``; of a dict output its
+            ``"logits"``/``"preds"``/``"y_hat"`` entry, else the first tensor of the output
+            (first element of a tuple). When neither call works the callback says so once
+            (an ``info`` note) and stays off.
         target_fn: ``target_fn(batch) -> Tensor | None``, the labels the answers are compared
             with. Default: the batch's second element, or its ``"y"``/``"target"``/``"label"``/
             ``"labels"``/``"mask"``/... entry. Without labels, collapse needs every answer to be
@@ -168,7 +171,8 @@ class PredictionStability(FlightcheckCallback):
             raise ValueError(f"patience must be an int >= 1, got {patience!r}")
         self._source = ProbeSource(probe_batch)
         self._schedule = ProbeSchedule(every_n_steps)
-        self.prediction_fn: PredictionFn = prediction_fn or default_prediction
+        self.prediction_fn: PredictionFn = prediction_fn or DefaultPrediction()
+        self._off = False
         self.target_fn: TargetFn = target_fn or default_target
         self.task = task
         self.warmup_steps = warmup_steps
@@ -204,16 +208,21 @@ class PredictionStability(FlightcheckCallback):
             self._source.reset()
             self._schedule.reset()
             self._fresh_probe()
+            self._off = False
 
     def on_validation_batch_start(
         self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
         self._source.offer_validation(trainer, batch, batch_idx, dataloader_idx)
 
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        # the untrained model's answers, the reference, when the probe is already known (given,
+        # or from the sanity check); a probe taken from the first training batch starts at the
+        # first scheduled step instead, so no step outside the logging steps syncs
+        self._probe(trainer, pl_module)
+
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         self._source.offer_training(trainer, batch)
-        if self._schedule.last_step is None:  # the untrained model's answers: the reference
-            self._probe(trainer, pl_module)
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         loss = _loss_of(outputs)
@@ -234,18 +243,26 @@ class PredictionStability(FlightcheckCallback):
 
     # ------------------------------------------------------------------ the probe
     def _probe(self, trainer: Any, pl_module: Any) -> None:
-        batch = self._source.get(trainer, pl_module)
         self._schedule.mark(trainer)
+        batch = None if self._off else self._source.get(trainer, pl_module)
         if batch is None:
             return
         with probing(pl_module):
             if self._spec is None:  # the first probe also reads how the prediction is made
-                with OutputOrigin() as origin:
-                    output = predict_probe(trainer, pl_module, batch, self.prediction_fn)
-                self._made_by = origin.of(output)
+                try:
+                    with OutputOrigin() as origin:
+                        output = predict_probe(trainer, pl_module, batch, self.prediction_fn)
+                    self._made_by = origin.of(output)
+                    figures = self._measure(trainer, output, batch)
+                except Exception as err:
+                    if not isinstance(self.prediction_fn, DefaultPrediction):
+                        raise  # the user's own prediction_fn failed: an internal error, loudly
+                    self._off, self._spec = True, None
+                    model_unreachable(self, trainer, err)
+                    return
             else:
                 output = predict_probe(trainer, pl_module, batch, self.prediction_fn)
-            figures = self._measure(trainer, output, batch)
+                figures = self._measure(trainer, output, batch)
         values = _to_host(figures)
         reading = self._reading(trainer, values)
         if reading is None:
