@@ -271,7 +271,8 @@ class LossCurveMonitor(FlightcheckCallback):
         fresh = self._drain()
         if not fresh and not final:
             return
-        self._follow_learning_rate(trainer, step)
+        if not final:
+            self._follow_learning_rate(trainer, step)
         self._publish(trainer, self.watch.evaluate(step, val_names=[], final=final))
         if self.log_curves and fresh:
             figures = self.watch.figures()
@@ -296,7 +297,8 @@ class LossCurveMonitor(FlightcheckCallback):
         else:
             self.watch.lr_collapsed_at = None
         if self._last_lr is not None:
-            if lr > self._last_lr * (1.0 + 1e-6):
+            # A rise to a rate that matters (not a schedule's last wiggle near zero) is warm-up.
+            if lr > self._last_lr * (1.0 + 1e-6) and lr >= _LR_RISE_MATTERS * self._peak_lr:
                 self.watch.hold(step)
                 if self._lr_fell:
                     self.watch.periodic_schedule = True  # a restart or cycle: its swings are expected
@@ -356,6 +358,9 @@ class LossCurveMonitor(FlightcheckCallback):
 
 #: Steps of losses kept on the device between two reads (a read is forced when it fills).
 _BUFFER_SIZE = 1024
+#: A learning rate that rises to at least this fraction of its peak so far is a warm-up (or a
+#: restart); smaller rises (a one-cycle schedule's last step near zero) are not.
+_LR_RISE_MATTERS = 0.01
 
 
 def summary_text(diagnosis: Diagnosis, findings: Sequence[Finding], *, markdown: bool) -> str:

@@ -39,7 +39,6 @@ from flightcheck.signals.curves import (
     noise_scale,
     relative_progress,
     repeating_pattern,
-    rise_onset,
     running_median,
     slope_z,
     smoothing_width,
@@ -115,9 +114,11 @@ OSCILLATION_PERIODIC = 0.5
 OSCILLATION_PROGRESS_RATIO = 0.1
 
 # loss_plateau: "no real progress after warm-up while far from the floor".
-#: judged points after warm-up before a plateau is called: a slow start is not a plateau.
-PLATEAU_MIN_POINTS = 64
-#: even weak evidence that the window is falling (a trend z-score below −2) defers the call.
+#: judged points after warm-up before a plateau is called: a slow start is not a plateau, and
+#: a slow steady fall (0.05% of the loss a step under 5% batch noise) needs ~100 points to
+#: show itself.
+PLATEAU_MIN_POINTS = 96
+#: even weak evidence that the loss is falling (a trend z-score below −2) defers the call.
 PLATEAU_FALLING_Z = 2.0
 #: with a known floor, the loss is "far" from it while this fraction of the initial gap remains.
 PLATEAU_REMAINING = 0.5
@@ -651,10 +652,13 @@ def loss_plateau(
     st = _stats(steps, values, start_step)
     if st is None or st.judged < PLATEAU_MIN_POINTS:
         return None
-    ws, wv = st.window_arrays()
+    # The window: the last half of the judged points, but never fewer than PLATEAU_MIN_POINTS
+    # (a slow steady fall needs that many points to show).
+    recent = slice(max(st.values.size - max(st.judged // 2, PLATEAU_MIN_POINTS), st.start_index), st.values.size)
+    ws, wv = st.steps[recent], st.values[recent]
     change, z = slope_z(ws, wv, noise=max(st.noise, 1e-12))
-    if change < 0 and -z >= PLATEAU_FALLING_Z:
-        return None  # still coming down, if slowly: not a plateau yet
+    if z <= -PLATEAU_FALLING_Z:
+        return None  # still coming down, if slowly: not a plateau
     causes = _CAUSES["loss_plateau"]
     if lr_collapsed_step is not None and ws[0] >= lr_collapsed_step:
         progress = float("nan")
@@ -752,13 +756,9 @@ def _spike_list(st: CurveStats, since_step: float | None, target: str) -> list[V
 
 # ----------------------------------------------------------------------------- two curves
 def best_evaluation(values: ArrayLike) -> int:
-    """The index of a validation series' best (lowest) evaluation: the lowest raw point next
-    to the lowest point of its 3-point running median, so one lucky evaluation far from the
-    rest does not stand for the best, yet the step reported is one that was evaluated."""
-    v = np.asarray(values, dtype=np.float64)
-    centre = int(np.argmin(running_median(v, 3)))
-    lo = max(centre - 1, 0)
-    return lo + int(np.argmin(v[lo : centre + 2]))
+    """The index of a validation series' best (lowest) evaluation: where early stopping
+    would have kept the weights (the first one on ties)."""
+    return int(np.argmin(np.asarray(values, dtype=np.float64)))
 
 
 def train_levels_at(
@@ -829,7 +829,7 @@ def overfitting(
     gain = max(start - best, 0.0)
     reference = gain if gain > 0 else train_drop
     val_noise = noise_scale(val, 3) if val.size >= 5 else 0.0
-    never_improved = bi == 0
+    never_improved = smooth_best == 0 and bi <= 1
     rising = (
         rise > 0
         and rise >= OVERFIT_RISE_FRACTION * reference
@@ -839,12 +839,7 @@ def overfitting(
     widening = not rising and train_drop >= OVERFIT_GAP_FRACTION * max(train_initial - float(train[-1]), 0.0)
     if not (rising or widening):
         return None
-    began = _step(vs[bi])
-    if widening and mode == "min":
-        # Validation stalled rather than rose: date the widening of the gap itself.
-        onset = rise_onset(vs, vv - train)
-        if onset is not None and onset >= bi:
-            began = _step(vs[onset])
+    began = _step(vs[bi])  # where validation was last at its best: the early-stopping point
 
     def shown(x: float) -> float:  # back to the metric's own direction
         return sign * x

@@ -221,31 +221,6 @@ def best_index(values: ArrayLike, width: int | None = None) -> int:
     return int(np.argmin(smooth))
 
 
-def rise_onset(steps: ArrayLike, values: ArrayLike) -> int | None:
-    """Index where a sustained rise began: the knot of the best continuous two-piece line.
-
-    Fits ``a + b·min(x − t, 0) + c·max(x − t, 0)`` by least squares for every knot ``t`` at
-    a data point and keeps the one with the smallest error among those whose right-hand
-    slope rises faster than the left. ``None`` when no knot gives a rise, or for fewer than
-    four points. Used to date a widening gap, where the curve before the rise is flat.
-    """
-    s, v = np.asarray(steps, dtype=np.float64), np.asarray(values, dtype=np.float64)
-    n = s.size
-    if n < 4:
-        return None
-    best: tuple[float, int] | None = None
-    for k in range(1, n - 1):
-        t = s[k]
-        design = np.stack([np.ones(n), np.minimum(s - t, 0.0), np.maximum(s - t, 0.0)], axis=1)
-        coef, *_ = np.linalg.lstsq(design, v, rcond=None)
-        if not (coef[2] > 0.0 and coef[2] > coef[1]):
-            continue
-        sse = float(np.sum((design @ coef - v) ** 2))
-        if best is None or sse < best[0]:
-            best = (sse, k)
-    return None if best is None else best[1]
-
-
 def autocorrelation(values: ArrayLike, max_lag: int) -> np.ndarray:
     """Sample autocorrelation at lags ``1..max_lag`` (by FFT; zeros for a constant series)."""
     v = np.asarray(values, dtype=np.float64)
@@ -302,8 +277,9 @@ def repeating_pattern(values: ArrayLike, min_strength: float, min_lag: int = 2) 
         return 0, float(acf.max()) if acf.size else 0.0, 0.0
     # The strongest few candidates are enough: multiples of the period score alike.
     lags = lags[np.argsort(acf[lags])[::-1][:8]]
-    swings = [phase_swing(v, int(k) + min_lag) for k in lags]
-    best = int(np.argmax(swings))
+    swings = np.array([phase_swing(v, int(k) + min_lag) for k in lags])
+    # Multiples of the period swing alike: the shortest lag with (nearly) the largest swing.
+    best = min(np.flatnonzero(swings >= 0.9 * swings.max()), key=lambda i: lags[i])
     return int(lags[best]) + min_lag, float(acf[lags[best]]), float(swings[best])
 
 
@@ -381,7 +357,6 @@ __all__ = [
     "repeating_pattern",
     "phase_swing",
     "relative_progress",
-    "rise_onset",
     "robust_scale",
     "running_median",
     "slope_z",
