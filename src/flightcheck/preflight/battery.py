@@ -52,7 +52,9 @@ def _run_check(check: RegisteredCheck, ctx: PreflightContext) -> CheckRow:
 
 def _internal_error(name: str, err: BaseException, seconds: float) -> CheckRow:
     trace = "".join(traceback.format_exception(type(err), err, err.__traceback__, limit=-4))
-    return CheckRow(name, Status.ERROR, f"internal error in the check: {type(err).__name__}: {err}", seconds, traceback=trace)
+    return CheckRow(
+        name, Status.ERROR, f"internal error in the check: {type(err).__name__}: {err}", seconds, traceback=trace
+    )
 
 
 def run_battery(

@@ -136,9 +136,13 @@ def classify_curve(
         figures["correct_start"], figures["correct_end"] = scores[0], scores[-1]
     if errs:
         figures["error_start"], figures["error_end"] = errs[0], errs[-1]
-    if n >= MIN_JUDGED_STEPS and end < start and (
-        (scores and scores[-1] < scores[0] - ACCURACY_DROP)
-        or (errs and errs[-1] > errs[0] + max(ERROR_RISE * abs(errs[0]), 0.1))
+    if (
+        n >= MIN_JUDGED_STEPS
+        and end < start
+        and (
+            (scores and scores[-1] < scores[0] - ACCURACY_DROP)
+            or (errs and errs[-1] > errs[0] + max(ERROR_RISE * abs(errs[0]), 0.1))
+        )
     ):
         return "maximised", figures  # the loss falls (maybe to -inf) while the task's error rises
     if bad is not None:
@@ -278,9 +282,10 @@ def overfit_batch(ctx: PreflightContext) -> Iterator[Verdict]:
 # --------------------------------------------------------------------------- init_loss
 #: The initial loss may exceed what the loss predicts for an uninformed model by this many nats,
 #: or this fraction of the prediction, whichever is larger, before it is called too high. A
-#: default-initialised network starts within ~0.3 nats of ln C; an excess of 1 nat means the
-#: model is e times more confident in wrong answers than a uniform guess.
-INIT_LOSS_EXCESS = 1.0
+#: default-initialised network on normalised inputs starts within ~0.3 nats of ln C; inputs a few
+#: times larger spread the logits and add about a nat; an excess of 2 nats (logits spread ~2 for
+#: ten classes, wrong answers ~7x more likely than under a uniform guess) is a bad start.
+INIT_LOSS_EXCESS = 2.0
 INIT_LOSS_EXCESS_FRACTION = 0.5
 #: Regression: outputs whose mean square exceeds the targets' this many times start far off scale.
 OUTPUT_SCALE_RATIO = 10.0
