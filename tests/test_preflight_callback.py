@@ -269,3 +269,12 @@ def test_ddp_ranks_take_the_same_steps_and_agree(tmp_path):
     trainer.fit(TinyClassifier(optimizer="adam", lr=1e-2), loader(*cluster_data(n=64), batch_size=16))
     reports = [json.load(open(os.path.join(tmp_path, f"rank{r}.json"))) for r in (0, 1)]
     assert reports[0] == reports[1] and reports[0]["steps"] > 0
+
+
+def test_a_second_fit_on_the_same_trainer_does_not_check_again(tmp_path):
+    cb = Preflight()
+    trainer = _fit(tmp_path, TinyClassifier(), [cb], logger=False)
+    model = trainer.lightning_module
+    trainer.fit_loop.epoch_loop.max_steps = 4
+    trainer.fit(model, loader(*cluster_data(n=64), batch_size=16))
+    assert "already trained for 2 steps" in cb.last_report.skipped

@@ -79,8 +79,9 @@ class Preflight(FlightcheckCallback):
         snapshot: where the copy of the model and optimizer state taken before the checks is
             kept: ``"host"`` memory (default: costs no accelerator memory) or ``"device"``
             (faster to take and restore). There is never more than one copy.
-        run_on_resume: also run when ``fit`` resumes from a checkpoint (skipped by default:
-            the model was already checked, and its state is no longer an initialisation).
+        run_on_resume: also run when ``fit`` resumes from a checkpoint or continues a trainer
+            that already trained (skipped by default: the model was already checked, and its
+            state is no longer an initialisation).
         on_finding: called with each new finding (see :class:`~flightcheck.FlightcheckCallback`).
 
     The report (``preflight.last_report``) has one row per check: ``pass``, ``warn``, ``fail``,
@@ -168,10 +169,11 @@ class Preflight(FlightcheckCallback):
 
     # ------------------------------------------------------------------ the hook
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
-        if getattr(trainer, "ckpt_path", None) and not self.run_on_resume:
-            self.last_report = PreflightReport(
-                skipped="resuming from a checkpoint (pass run_on_resume=True to check anyway)"
-            )
+        resumed = "resuming from a checkpoint" if getattr(trainer, "ckpt_path", None) else None
+        if not resumed and int(getattr(trainer, "global_step", 0) or 0) > 0:
+            resumed = f"the model already trained for {trainer.global_step} steps"
+        if resumed and not self.run_on_resume:
+            self.last_report = PreflightReport(skipped=f"{resumed} (pass run_on_resume=True to check anyway)")
             if getattr(trainer, "is_global_zero", True):
                 log.info("flightcheck %s", self.last_report.summary())
             return
