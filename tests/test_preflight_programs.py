@@ -321,6 +321,12 @@ class TrailingDimension(Regressor):
         return self.net(x)  # (B, 1) against targets (B,)
 
 
+class UnsqueezedTargetsForgotten(BinaryLogit):
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.binary_cross_entropy_with_logits(self(x), y.float())  # (B, 1) against (B,): the loss refuses
+
+
 class ConstantInit(MLP):
     def __init__(self):
         super().__init__()
@@ -398,6 +404,7 @@ BUGS = {
     "recurrent layer reads the batch as time": (lambda: Recurrent(batch_first=False), "tokens", "batch_independence"),
     "model ignores its input": (IgnoresInput, _loader, "input_dependence"),
     "(B, 1) output against (B,) targets": (TrailingDimension, "regression", "target_shape"),
+    "(B, 1) logits against (B,) labels": (UnsqueezedTargetsForgotten, "binary", "target_shape"),
     "constant initialisation": (ConstantInit, _loader, "weight_init"),
     "weights initialised at std 1": (HugeInit, "wide", "weight_init"),
     "oversized initial logits": (HugeInit, "wide", "init_loss"),

@@ -208,6 +208,17 @@ def judge_target_shape(output: Tensor | None, target: Tensor | None, loss: float
 def target_shape(ctx: PreflightContext) -> Iterator[Verdict]:
     if ctx.target is None:
         raise Skip("no target was found in the batch (name it with Preflight(target=...))")
+    failed = ctx.initial_record.error
+    if failed is not None and "target size" in str(failed.error).lower():
+        yield Verdict(
+            "target_shape",
+            "error",
+            f"the loss refused the output and target shapes: {failed.error}",
+            causes=("a trailing dimension of size 1 on the output (or the target)",),
+            advice=("squeeze the output (output.squeeze(-1)) or unsqueeze the target so both have the same shape",),
+            data={"error": str(failed.error)},
+        )
+        return
     record = ctx.initial
     if record.output is None:
         raise Skip("the model's output could not be captured (training_step calls neither self(...) nor a submodule)")
