@@ -47,9 +47,6 @@ from torch import nn
 from torch.nn import functional as F
 
 WARMUP_STEPS = 5
-#: 5x Lightning's default of 50, so that the short timed window holds logging steps (where
-#: monitors move their figures to the host) at a conservative, five times higher rate.
-LOG_EVERY_N_STEPS = 10
 
 
 # ----------------------------------------------------------------------------- the model
@@ -207,7 +204,8 @@ def held_bytes(obj: Any, seen: set[int] | None = None, depth: int = 0) -> int:
     return 0
 
 
-def run_variant(make: Callable[[], list[Any]], device: str, steps: int, batch_size: int, tmp: str) -> dict[str, Any]:
+def run_variant(make: Callable[[], list[Any]], device: str, steps: int, batch_size: int, log_every: int,
+                tmp: str) -> dict[str, Any]:
     callbacks = make()
     cuda = device == "cuda"
     clock = HookClock(callbacks)
@@ -229,7 +227,7 @@ def run_variant(make: Callable[[], list[Any]], device: str, steps: int, batch_si
         enable_model_summary=False,
         enable_checkpointing=False,
         num_sanity_val_steps=0,
-        log_every_n_steps=LOG_EVERY_N_STEPS,
+        log_every_n_steps=log_every,
     )
     data = torch.utils.data.DataLoader(Batches(batch_size, steps + WARMUP_STEPS + 1), batch_size=None)
     with contextlib.redirect_stdout(io.StringIO()):  # end-of-run summaries of the monitors
@@ -250,7 +248,7 @@ def _mb(n: float | None) -> str:
     return "–" if n is None else f"{n / 2**20:.2f} MB"
 
 
-def measure(device: str, steps: int, repeats: int, batch_size: int, tmp: str) -> str:
+def measure(device: str, steps: int, repeats: int, batch_size: int, log_every: int, tmp: str) -> str:
     results: dict[str, dict[str, Any]] = {}
     skipped: dict[str, str] = {}
     for round_ in range(repeats):
@@ -259,7 +257,7 @@ def measure(device: str, steps: int, repeats: int, batch_size: int, tmp: str) ->
             if name in skipped:
                 continue
             try:
-                r = run_variant(make, device, steps, batch_size, tmp)
+                r = run_variant(make, device, steps, batch_size, log_every, tmp)
             except Exception as err:  # noqa: BLE001 - a monitor not in this checkout yet
                 skipped[name] = f"{type(err).__name__}: {err}"
                 continue
@@ -272,7 +270,7 @@ def measure(device: str, steps: int, repeats: int, batch_size: int, tmp: str) ->
     lines = [
         f"**{device.upper()}**, {base['params'] / 1e6:.1f}M-parameter MLP, batch {batch_size}, Adam, "
         f"{steps} timed steps x {repeats} rounds per variant, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads, log_every_n_steps={LOG_EVERY_N_STEPS}",
+        f"{torch.get_num_threads()} threads, log_every_n_steps={log_every}",
         "",
         "| variant | median ms/step | vs none | mean ms/step | vs none | in its hooks, ms/step | "
         "hooks / step | extra memory held | CUDA peak vs none |",
@@ -297,7 +295,9 @@ def measure(device: str, steps: int, repeats: int, batch_size: int, tmp: str) ->
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=20, help="timed optimizer steps per run (default 20)")
+    parser.add_argument("--steps", type=int, default=50, help="timed optimizer steps per run (default 50)")
+    parser.add_argument("--log-every-n-steps", type=int, default=50,
+                        help="the Trainer's logging interval, where monitors read back (default 50, Lightning's)")
     parser.add_argument("--repeats", type=int, default=2, help="interleaved rounds over the variants (default 2)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="auto: CPU, then CUDA when available")
@@ -315,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for device in devices[args.device]:
             batch = args.batch_size or (1024 if device == "cuda" else 16)
-            print(measure(device, args.steps, args.repeats, batch, tmp), end="\n\n", flush=True)
+            print(measure(device, args.steps, args.repeats, batch, args.log_every_n_steps, tmp), end="\n\n", flush=True)
     return 0
 
 

@@ -14,15 +14,22 @@ hook and clips them after it) the monitor takes:
 Every figure stays on the device, one row per step in a small ring buffer, so no step
 between two logging steps is missed. On Lightning's logging steps (``log_every_n_steps``)
 and at the end of each epoch the rows go to the host as one tensor, together with the exact
-per-layer weight norms, are judged by :mod:`flightcheck.checks.gradients` and logged:
+per-layer weight norms; every step of the interval is judged by
+:mod:`flightcheck.checks.gradients`, and the logging step is charted:
 
-- ``flightcheck/grad_norm/total``, ``flightcheck/update_ratio/total`` (every step),
-  ``flightcheck/weight_norm/total`` (logging steps);
-- ``flightcheck/{grad_norm,weight_norm,update_ratio}/layers/<layer>`` (logging steps), for
-  the ``max_layer_charts`` largest layers; the rest summed up as ``layers/other``;
+- ``flightcheck/grad_norm/total``, ``flightcheck/weight_norm/total``,
+  ``flightcheck/update_ratio/total``, and ``flightcheck/grad_norm/interval_max`` (the
+  largest gradient norm since the previous log, so a spike between two logs shows);
+- ``flightcheck/grad_norm/optimizer_<i>`` when there are several optimizers;
+- ``flightcheck/{grad_norm,weight_norm,update_ratio}/layers/<layer>`` for the
+  ``max_layer_charts`` largest layers; the rest summed up as ``layers/other``;
 - ``flightcheck/grad_norm/clipped_fraction`` when ``Trainer(gradient_clip_val=...)`` clips
   by norm: the share of steps since the last log whose gradient norm was above it;
 - opt-in histograms under ``flightcheck/histograms/``.
+
+Under DDP every rank sees the same all-reduced gradients and weights and so reaches the same
+verdicts without communicating; only rank 0 writes. Under FSDP the norms would be of the
+local shard: not supported yet.
 """
 
 from __future__ import annotations
@@ -47,6 +54,9 @@ from flightcheck.signals.updates import DEFAULT_BLOCK_SIZE, UpdateSample
 
 #: Rows of the device ring buffer are capped so that it stays under ~4 MiB of float32.
 _RING_ELEMENTS = 2**20
+#: A finding is re-armed (reported again if it comes back) after its judge found the run
+#: clear on this many logging intervals in a row.
+_CLEAR_AFTER = 3
 
 
 def _device_index(values: Sequence[int], device: torch.device) -> Tensor:
@@ -240,6 +250,7 @@ class GradientMonitor(FlightcheckCallback):
         self._layer_weights: collections.deque = collections.deque(maxlen=judge.WEIGHT_GROWTH_WINDOW + 1)
         self._layer_rms: collections.deque = collections.deque(maxlen=judge.VANISHING_WINDOW)
         self._raised: dict[tuple[str, str], str] = {}  # (check, series) -> target of the active finding
+        self._clear_count: dict[tuple[str, str], int] = {}
         self._spikes: dict[str, tuple[Verdict, int]] = {}
         self._vanishing_layers: set[str] = set()
 
@@ -633,13 +644,17 @@ class GradientMonitor(FlightcheckCallback):
         return isinstance(lr, (int, float)) and lr == 0
 
     def _raise(self, trainer: Any, slot: tuple[str, str], verdict: Verdict | None, step: int) -> None:
-        """Report a verdict, or re-arm the slot's last finding once its judge sees it cleared."""
+        """Report a verdict, or re-arm the slot's last finding once its judge has seen the run
+        clear ``_CLEAR_AFTER`` times in a row (a borderline case must not flap)."""
         previous = self._raised.get(slot)
         if verdict is None:
             if previous is not None:
-                self.resolve(slot[0], previous)
-                del self._raised[slot]
+                self._clear_count[slot] = self._clear_count.get(slot, 0) + 1
+                if self._clear_count[slot] >= _CLEAR_AFTER:
+                    self.resolve(slot[0], previous)
+                    del self._raised[slot]
             return
+        self._clear_count.pop(slot, None)
         if previous is not None and previous != verdict.target:
             self.resolve(slot[0], previous)
         self._raised[slot] = verdict.target or ""
