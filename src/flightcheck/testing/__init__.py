@@ -1,5 +1,27 @@
-"""Helpers for pytest: run flightcheck's checks on every commit, count host-device syncs."""
+"""Helpers for pytest: run flightcheck's pre-flight checks on every commit, count host-device syncs.
 
+Example::
+
+    from flightcheck.testing import assert_overfits, assert_gradients_flow
+
+    def test_model_can_learn():
+        assert_overfits(MyModel(), my_batch)
+"""
+
+from flightcheck.testing.preflight import (
+    assert_batch_independent,
+    assert_gradients_flow,
+    assert_init_loss,
+    assert_overfits,
+    run_preflight,
+)
 from flightcheck.testing.syncs import SyncCounter
 
-__all__ = ["SyncCounter"]
+__all__ = [
+    "SyncCounter",
+    "assert_batch_independent",
+    "assert_gradients_flow",
+    "assert_init_loss",
+    "assert_overfits",
+    "run_preflight",
+]
