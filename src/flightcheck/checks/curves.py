@@ -103,8 +103,10 @@ SPIKE_AFTERMATH = 8
 SPIKE_KNOCK = 0.1
 
 # loss_oscillation: "large swings around the trend, not ordinary mini-batch noise".
-#: points needed to see a period at all (three periods of up to a third of them).
+#: points needed to see a period at all (three periods of up to a third of them) ...
 OSCILLATION_MIN_POINTS = 32
+#: ... and the most looked at (periods up to ~170 points; keeps each look to milliseconds).
+OSCILLATION_MAX_POINTS = 512
 #: autocorrelation at the period. Noise from shuffled batches stays below ~0.3 at every lag
 #: (measured on small MLPs with batches of 1 to 64, SGD and Adam, with warm-up and decay);
 #: a zig-zag, a per-epoch pattern or a corrupted batch every k steps reach 0.7 to 0.9.
@@ -275,7 +277,8 @@ class CurveStats:
     steps: np.ndarray
     values: np.ndarray
     start_index: int  # first point after warm-up
-    initial: float  # median of the first INITIAL_POINTS points
+    initial: float  # the untrained model's loss (initial_level)
+    smooth: np.ndarray  # running median of the values (smoothing_width)
     best: float  # lowest level of the smoothed curve
     best_index: int
     now: float  # median of the last points of the window
@@ -322,13 +325,14 @@ def curve_stats(steps: ArrayLike, values: ArrayLike, *, start_step: float = 0.0)
     window = slice(v.size - width, v.size)
     wv = v[window]
     now_points = int(np.clip(width // 8, 3, 64))
-    bi = best_index(v)
     smooth = running_median(v, smoothing_width(v.size))
+    bi = int(np.argmin(smooth))
     return CurveStats(
         steps=s,
         values=v,
         start_index=start,
         initial=initial_level(v),
+        smooth=smooth,
         best=float(smooth[bi]),
         best_index=bi,
         now=float(np.median(wv[-now_points:])),
@@ -557,6 +561,7 @@ def loss_oscillation(
     if st is None:
         return None
     ws, wv = st.window_arrays()
+    ws, wv = ws[-OSCILLATION_MAX_POINTS:], wv[-OSCILLATION_MAX_POINTS:]
     if wv.size < OSCILLATION_MIN_POINTS:
         return None
     period, strength, swing = repeating_pattern(wv, OSCILLATION_PERIODIC)
@@ -709,7 +714,7 @@ def lr_collapsed(lr: float, peak_lr: float, step: float, planned_steps: float | 
 
 def _plateau_start(st: CurveStats) -> int:
     """The step after which the smoothed curve stayed within a noise band of its current level."""
-    smooth = running_median(st.values, smoothing_width(st.values.size))
+    smooth = st.smooth
     band = max(TREND_Z * st.noise, 1e-12)
     outside = np.flatnonzero(np.abs(smooth - st.now) > band)
     idx = 0 if outside.size == 0 else min(int(outside[-1]) + 1, st.values.size - 1)
@@ -1055,7 +1060,7 @@ class CurveWatch:
         baseline: float | None = None,
         target_error: float | None = None,
         train_name: str = "train_loss",
-        capacity: int = 4096,
+        capacity: int = 2048,
     ) -> None:
         self.warmup_steps = warmup_steps
         self.confirm = confirm
@@ -1081,10 +1086,20 @@ class CurveWatch:
         self.periodic_schedule = False
         #: the step where the learning rate collapsed early (:func:`lr_collapsed`), if it did
         self.lr_collapsed_at: float | None = None
+        self._stats_cache: tuple[Any, CurveStats | None] | None = None
 
     # ------------------------------------------------------------------ feeding
     def add_train(self, steps: ArrayLike, values: ArrayLike) -> None:
         self.train.extend(steps, values)
+        self._stats_cache = None
+
+    def _train_stats(self, start_step: float) -> CurveStats | None:
+        """The training curve's stats, computed once per new training points and start."""
+        key = (len(self.train), self.train.last_step(), float(start_step))
+        if self._stats_cache is None or self._stats_cache[0] != key:
+            steps, values = self.train.arrays()
+            self._stats_cache = (key, curve_stats(steps, values, start_step=start_step))
+        return self._stats_cache[1]
 
     def add_val(self, name: str, step: float, value: float, mode: str = "min") -> None:
         """A validation-time series point (the validation loss, or a metric with ``mode``)."""
@@ -1101,14 +1116,12 @@ class CurveWatch:
     # ------------------------------------------------------------------ instruments
     def level(self) -> float | None:
         """The training loss's current level (median of the latest points), if any."""
-        steps, values = self.train.arrays()
-        st = curve_stats(steps, values, start_step=0.0)
+        st = self._train_stats(0.0)
         return None if st is None else st.now
 
     def figures(self) -> dict[str, float]:
         """The training curve's instruments now: smoothed level, trend and noise."""
-        steps, values = self.train.arrays()
-        st = curve_stats(steps, values, start_step=0.0)
+        st = self._train_stats(0.0)
         if st is None:
             return {}
         ws, wv = st.window_arrays()
@@ -1128,7 +1141,7 @@ class CurveWatch:
         validation series judged.
         """
         steps, values = self.train.arrays()
-        st = curve_stats(steps, values, start_step=self.start_step)
+        st = self._train_stats(self.start_step)
         verdicts: list[Verdict] = []
         if st is not None:
             since = self.spike_checked_to if train else steps[-1]
@@ -1144,7 +1157,7 @@ class CurveWatch:
                 self.spike_checked_to = float(steps[-1])
         else:
             # Still warming up (or few points): only an explosion is judged already.
-            early = curve_stats(steps, values, start_step=0.0)
+            early = self._train_stats(0.0)
             explosion = loss_divergence(early, target=self.train_name) if early is not None else None
             if explosion is not None and Severity.coerce(explosion.severity) is Severity.ERROR:
                 verdicts = [explosion]

@@ -47,15 +47,6 @@ def robust_scale(values: ArrayLike) -> float:
     return float(MAD_TO_SIGMA * np.median(np.abs(v - np.median(v))))
 
 
-def iqr(values: ArrayLike) -> float:
-    """The inter-quartile range (0 for fewer than two points)."""
-    v = np.asarray(values, dtype=np.float64)
-    if v.size < 2:
-        return 0.0
-    q1, q3 = np.quantile(v, [0.25, 0.75])
-    return float(q3 - q1)
-
-
 def running_median(values: ArrayLike, width: int) -> np.ndarray:
     """Centred running median of an odd ``width`` (even widths are made odd).
 
@@ -78,20 +69,6 @@ def smoothing_width(n: int) -> int:
     """An odd running-median width for a series of ``n`` points: ~4% of it, 5 to 51 points."""
     width = int(np.clip(n // 25, 5, 51))
     return width if width % 2 else width + 1
-
-
-def ema(values: ArrayLike, weight: float = 0.9) -> np.ndarray:
-    """Debiased exponential moving average, TensorBoard's smoothing (``weight`` in [0, 1))."""
-    if not 0.0 <= weight < 1.0:
-        raise ValueError(f"weight must be in [0, 1), got {weight}")
-    v = np.asarray(values, dtype=np.float64)
-    out = np.empty_like(v)
-    acc, norm = 0.0, 0.0
-    for i, x in enumerate(v):
-        acc = weight * acc + (1.0 - weight) * x
-        norm = weight * norm + (1.0 - weight)
-        out[i] = acc / norm
-    return out
 
 
 def noise_scale(values: ArrayLike, width: int = 5) -> float:
@@ -124,18 +101,23 @@ def level_noise(values: ArrayLike, points: int) -> float:
 
 
 def block_medians(steps: ArrayLike, values: ArrayLike, blocks: int) -> tuple[np.ndarray, np.ndarray]:
-    """The series cut into ``blocks`` consecutive blocks, each reduced to its median step and value."""
+    """The series cut into consecutive blocks of ``len // blocks`` points (so at least
+    ``blocks`` and fewer than ``2 * blocks`` of them; the few oldest points that do not fill a
+    block are left out), each reduced to its median step and value."""
     s = np.asarray(steps, dtype=np.float64)
     v = np.asarray(values, dtype=np.float64)
     if s.size <= blocks:
         return s.copy(), v.copy()
-    edges = np.linspace(0, s.size, blocks + 1).astype(int)
-    bs = np.array([np.median(s[a:b]) for a, b in zip(edges[:-1], edges[1:])])
-    bv = np.array([np.median(v[a:b]) for a, b in zip(edges[:-1], edges[1:])])
-    return bs, bv
+    size = s.size // blocks
+    blocks = s.size // size
+    keep = blocks * size
+    return (
+        np.median(s[-keep:].reshape(blocks, size), axis=1),
+        np.median(v[-keep:].reshape(blocks, size), axis=1),
+    )
 
 
-def theil_sen(steps: ArrayLike, values: ArrayLike, max_points: int = 96) -> tuple[float, float]:
+def theil_sen(steps: ArrayLike, values: ArrayLike, max_points: int = 64) -> tuple[float, float]:
     """``(slope, intercept)`` of the Theil–Sen line: the median of the pairwise slopes.
 
     Robust to up to ~29% wild points. Long series are first reduced to ``max_points`` block
@@ -154,13 +136,6 @@ def theil_sen(steps: ArrayLike, values: ArrayLike, max_points: int = 96) -> tupl
     slope = float(np.median((v[j] - v[i])[keep] / dx[keep]))
     intercept = float(np.median(v - slope * s))
     return slope, intercept
-
-
-def detrended(steps: ArrayLike, values: ArrayLike) -> np.ndarray:
-    """Residuals around the Theil–Sen line of the series."""
-    s, v = np.asarray(steps, dtype=np.float64), np.asarray(values, dtype=np.float64)
-    slope, intercept = theil_sen(s, v)
-    return v - (slope * s + intercept)
 
 
 def level_shift(values: ArrayLike, noise: float | None = None) -> tuple[float, float]:
@@ -345,10 +320,7 @@ __all__ = [
     "SeriesBuffer",
     "best_index",
     "block_medians",
-    "detrended",
-    "ema",
     "finite_series",
-    "iqr",
     "level_noise",
     "autocorrelation",
     "level_shift",
