@@ -834,7 +834,7 @@ def overfitting(
     gain = max(start - best, 0.0)
     reference = gain if gain > 0 else train_drop
     val_noise = noise_scale(val, 3) if val.size >= 5 else 0.0
-    never_improved = smooth_best == 0 and bi <= 1
+    never_improved = smooth_best == 0 and bi == 0
     rising = (
         rise > 0
         and rise >= OVERFIT_RISE_FRACTION * reference
@@ -849,17 +849,18 @@ def overfitting(
     def shown(x: float) -> float:  # back to the metric's own direction
         return sign * x
 
+    best_seen = float(val[bi])  # the evaluation the user can find in their logs
     if rising:
         severity = Severity.ERROR if gain > 0 and rise >= OVERFIT_ERROR_FRACTION * gain else Severity.WARNING
         word = "rose" if mode == "min" else "fell"
         message = (
-            f"{target} {word} from its best {_g(shown(best))} at step {began} to {_g(shown(now))} while the "
+            f"{target} {word} from its best {_g(shown(best_seen))} at step {began} to {_g(shown(now))} while the "
             f"training loss fell from {_g(train[bi])} to {_g(train[-1])}: overfitting began around step {began}."
         )
     else:
         severity = Severity.WARNING
         message = (
-            f"{target} has not improved on {_g(shown(best))} since step {began} while the training loss fell "
+            f"{target} has not improved on {_g(shown(best_seen))} since step {began} while the training loss fell "
             f"from {_g(train[bi])} to {_g(train[-1])}: the generalisation gap is widening."
         )
     causes = _CAUSES["overfitting"] + ((_VAL_DISAGREES_CAUSE,) if never_improved else ())
@@ -872,7 +873,7 @@ def overfitting(
         advice=advice,
         target=target,
         data={
-            "best": shown(best),
+            "best": shown(best_seen),
             "best_step": began,
             "now": shown(now),
             "train_at_best": float(train[bi]),

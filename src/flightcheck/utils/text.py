@@ -24,7 +24,8 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]], *, markdown: bo
     def line(cells: Sequence[str]) -> str:
         padded = [str(c).ljust(w) for c, w in zip(cells[:-1], widths[:-1])] + [str(cells[-1])]
         return "  ".join(padded).rstrip()
-    return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in rows])
+    rule = ["-" * w for w in widths[:-1]] + ["-" * len(str(headers[-1]))]
+    return "\n".join([line(headers), line(rule)] + [line(r) for r in rows])
 
 
 __all__ = ["table"]
