@@ -221,6 +221,10 @@ def test_an_imbalanced_probe_answered_with_its_majority_is_not_a_collapse():
     assert is_collapsed(reading(10, top=1.0, label_top=0.85))
 
 
+def test_a_probe_of_a_few_answers_is_not_judged_for_collapse():
+    assert not is_collapsed(dataclass_replace(reading(10, top=1.0), answers=4))
+
+
 def test_without_labels_only_identical_answers_are_a_collapse():
     assert not is_collapsed(reading(10, top=COLLAPSE_TOP_SHARE, label_top=None))
     assert is_collapsed(reading(10, top=1.0, label_top=None))

@@ -35,6 +35,8 @@ COLLAPSE_MINORITY_RATIO = 0.25
 COLLAPSE_MIN_LABEL_MINORITY = 0.1
 #: Without labels a probe is collapsed only when every answer is the same one.
 COLLAPSE_UNLABELLED_TOP_SHARE = 1.0
+#: A probe of fewer answers is not judged for collapse: four samples can agree by chance.
+COLLAPSE_MIN_ANSWERS = 8
 #: Regression: predictions spread across inputs less than this fraction of the targets'
 #: spread (for calibrated predictions, an R^2 below 0.25%: the model answers the mean).
 COLLAPSE_SPREAD_RATIO = 0.05
@@ -143,7 +145,7 @@ def collapsed_groups(r: ProbeReading) -> tuple[int, int]:
         if not (_finite(r.spread) and _finite(r.reference_spread)) or not r.reference_spread:
             return 0, 0
         return int(r.spread < COLLAPSE_SPREAD_RATIO * r.reference_spread), 1  # type: ignore[operator]
-    if not r.top_share:
+    if not r.top_share or r.answers < COLLAPSE_MIN_ANSWERS:
         return 0, 0
     if r.label_top_share is None:
         return sum(t >= COLLAPSE_UNLABELLED_TOP_SHARE for t in r.top_share), len(r.top_share)
@@ -436,6 +438,7 @@ def prediction_stagnation(
 
 __all__ = [
     "COLLAPSE_MINORITY_RATIO",
+    "COLLAPSE_MIN_ANSWERS",
     "CONFIDENT_MARGIN",
     "COLLAPSE_MIN_LABEL_MINORITY",
     "COLLAPSE_SPREAD_RATIO",
