@@ -315,6 +315,29 @@ def test_validate_runs_do_not_trip_the_monitor(tmp_path):
     assert monitor.findings == []
 
 
+class UnfreezeAtEpochOne(pl.Callback):
+    """What Lightning's BaseFinetuning does: unfreeze a layer and give it to the optimizer."""
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == 1:
+            pl_module.net[0].requires_grad_(True)
+            trainer.optimizers[0].add_param_group({"params": list(pl_module.net[0].parameters()), "lr": 0.01})
+
+
+class TrainsOnlyWhatIsUnfrozen(FrozenBackbone):
+    def configure_optimizers(self):
+        return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=0.05, momentum=0.9)
+
+
+def test_layers_unfrozen_mid_run_are_followed_from_then_on(tmp_path):
+    monitor = GradientMonitor()
+    model = TrainsOnlyWhatIsUnfrozen()
+    trainer = make_trainer(tmp_path, [UnfreezeAtEpochOne(), monitor], max_epochs=3)
+    trainer.fit(model, loader(*_noisy_clusters(n=256)))
+    assert monitor._layout.layers == ["net.0", "net.2", "net.4"]
+    assert _loud(monitor) == []
+
+
 def test_state_survives_a_checkpoint(tmp_path):
     monitor, trainer = _fit(tmp_path, HeadMissingFromOptimizer(), steps=20)
     state = monitor.state_dict()

@@ -240,10 +240,11 @@ class GradientMonitor(FlightcheckCallback):
     # ------------------------------------------------------------------ state
     def _reset_history(self) -> None:
         self._steps_with_grads = 0
-        # per optimizer series (keyed by a stable name): normal gradient norms, recent ones, update ratios
+        # per optimizer series, keyed by a stable name ("total", "optimizer_1"): gradient norms, the
+        # first ones, (step, update ratio, learning rate), the weights' norm at the start, peak LR
         self._history: dict[str, collections.deque] = {}
         self._early: dict[str, list[float]] = {}
-        self._ratios: dict[str, collections.deque] = {}  # (step, update ratio, learning rate)
+        self._ratios: dict[str, collections.deque] = {}
         self._start_weight: dict[str, float] = {}
         self._peak_lr: dict[str, float] = {}
         self._weights: collections.deque = collections.deque(maxlen=judge.WEIGHT_GROWTH_WINDOW + 1)
@@ -339,6 +340,8 @@ class GradientMonitor(FlightcheckCallback):
             self._flush(trainer)
             self._pending_state = {"per_param": self.extra_state()["per_param"]}
             self._layout = None
+            self._layer_rms.clear()  # per-layer windows: the layers are about to change
+            self._layer_weights.clear()
 
     # ------------------------------------------------------------------ per step, on the device
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
