@@ -356,3 +356,11 @@ def test_series_buffer_keeps_recent_points_exact_and_old_ones_coarse():
     steps, values = buf.arrays()
     assert len(buf) <= 64 and steps[-1] == 199 and np.array_equal(values[-16:], np.arange(184, 200))
     assert steps[0] < 10  # the start of the run is still there
+
+
+def test_loss_that_fits_to_exactly_zero_is_neither_divergence_nor_underfitting():
+    # A large learning rate on separable data: logits grow so large that the cross-entropy
+    # underflows to exactly 0.0 on every batch after the first. Nothing rose.
+    steps = np.arange(130, dtype=float)
+    values = np.r_[1.3, np.zeros(129)]
+    assert _checks(steps, values) == []

@@ -386,7 +386,7 @@ def loss_divergence(
         DIVERGENCE_Z * se,
         DIVERGENCE_SMALL_FRACTION * _distance_to_zero(st),
     )
-    if rise < needed:
+    if rise <= 0 or rise < needed:  # a flat curve (zero noise, zero rise) is not a rise
         return None
     seg_s = st.steps[st.best_index + 1 :][-MAX_WINDOW:]
     seg_v = st.values[st.best_index + 1 :][-MAX_WINDOW:]
@@ -932,6 +932,10 @@ def underfitting(
         )
     else:
         if not final:
+            return None
+        if st.noise == 0.0 and st.values[0] > st.now:
+            # Exactly flat below where it began: the loss sits on a numeric bound (a
+            # cross-entropy that underflowed to 0 after fitting in a step or two), not stuck.
             return None
         stuck, zp = _no_progress(st)
         if not stuck:
