@@ -13,11 +13,13 @@ from torch.nn import functional as F
 
 from flightcheck.preflight.batch import judge_batch_independence, judge_input_dependence
 from flightcheck.preflight.data import (
+    judge_bce_targets,
     judge_class_imbalance,
     judge_input_scale,
     judge_label_range,
     judge_nonfinite,
     judge_target_shape,
+    loss_weighting,
 )
 from flightcheck.preflight.gradients import identical_units, init_scale, judge_gradient_flow, judge_init_scale
 from flightcheck.preflight.loss import classify_curve, judge_init_loss, judge_output_activation
@@ -168,6 +170,13 @@ def test_sigmoid_into_bce_with_logits_is_caught():
         in judge_output_activation(p, y, float(F.binary_cross_entropy_with_logits(p, y))).message
     )
     assert judge_output_activation(p, y, float(F.binary_cross_entropy(p, y))) is None
+    assert judge_output_activation(p, y, float(F.binary_cross_entropy_with_logits(p, y)), producer="sigmoid")
+
+
+def test_logits_that_happen_to_lie_in_zero_one_are_not_probabilities():
+    z, y = 0.5 + 0.05 * torch.randn(64), (torch.rand(64) > 0.5).float()  # a bias of 0.5, tiny weights
+    assert bool((z >= 0).all() and (z <= 1).all())
+    assert judge_output_activation(z, y, float(F.binary_cross_entropy_with_logits(z, y)), producer="addmm") is None
 
 
 def test_rectified_outputs_warn_but_constant_ones_do_not():
@@ -200,10 +209,42 @@ def test_label_range_needs_evidence():
 
 
 def test_class_imbalance_in_the_batch():
-    assert judge_class_imbalance(torch.tensor([0] * 30 + [1, 2])).data["share"] == pytest.approx(30 / 32)
+    severe = judge_class_imbalance(torch.tensor([0] * 62 + [1, 2]))  # 97%, unweighted
+    assert severe.severity == "warning" and severe.data["share"] == pytest.approx(62 / 64)
+    assert judge_class_imbalance(torch.tensor([1.0] * 31 + [0.0])).severity == "warning"
+    # 91% in one batch happens with healthy skewed data: a note, not an alarm
+    assert judge_class_imbalance(torch.tensor([0] * 29 + [1, 2, 1])).severity == "info"
     assert judge_class_imbalance(torch.tensor([0, 1, 2] * 11)) is None
     assert judge_class_imbalance(torch.tensor([0] * 10)) is None  # too few samples to say
-    assert judge_class_imbalance(torch.tensor([1.0] * 31 + [0.0])) is not None
+
+
+def test_class_imbalance_is_quiet_when_the_loss_is_class_weighted():
+    y = torch.tensor([0] * 62 + [1, 2])
+    assert judge_class_imbalance(y, weighted="criterion.weight") is None
+
+    class Module(nn.Module):
+        def __init__(self, criterion=None, buffer=False):
+            super().__init__()
+            self.net = nn.Linear(4, 3)
+            self.criterion = criterion
+            if buffer:
+                self.register_buffer("class_weights", torch.ones(3))
+
+    assert loss_weighting(Module(nn.CrossEntropyLoss(weight=torch.ones(3)))) == "criterion.weight"
+    assert loss_weighting(Module(nn.BCEWithLogitsLoss(pos_weight=torch.ones(1)))) == "criterion.pos_weight"
+    assert loss_weighting(Module(buffer=True)) == "class_weights"  # for F.cross_entropy(..., weight=self.class_weights)
+    assert loss_weighting(Module(nn.CrossEntropyLoss())) is None
+    assert loss_weighting(Module()) is None
+
+
+def test_bce_targets_outside_zero_one_are_caught():
+    z = torch.randn(64, 1)
+    y = (torch.rand(64, 1) > 0.5).float() * 2 - 1  # {-1, +1}
+    v = judge_bce_targets(z, y, float(F.binary_cross_entropy_with_logits(z, y)))
+    assert v.check == "label_range" and v.severity == "error" and "-1, 1" in v.message
+    assert judge_bce_targets(z, y, float(F.mse_loss(z, y))) is None  # a regression on the same values
+    y01 = (y + 1) / 2
+    assert judge_bce_targets(z, y01, float(F.binary_cross_entropy_with_logits(z, y01))) is None
 
 
 def test_input_scale():

@@ -199,6 +199,16 @@ class BinaryLogit(Program):
         return F.binary_cross_entropy_with_logits(self(x), y.float().unsqueeze(1))
 
 
+class BinaryLogitInUnitInterval(BinaryLogit):
+    """Healthy: its initial logits all lie in [0, 1] (bias 0.5, tiny last-layer weights)."""
+
+    def __init__(self):
+        super().__init__()
+        with torch.no_grad():
+            self.net[-1].weight.mul_(0.01)
+            self.net[-1].bias.fill_(0.5)
+
+
 class DictModel(Program):
     def __init__(self):
         super().__init__()
@@ -242,6 +252,10 @@ HEALTHY = {
     "frozen backbone": (FrozenBackbone, lambda: _loader(*cluster_data(n=64))),
     "manual optimisation": (Manual, lambda: _loader(*cluster_data(n=64))),
     "binary logits (B, 1)": (BinaryLogit, lambda: _loader(*cluster_data(n=64, classes=2))),
+    "binary logits that all start in [0, 1]": (
+        BinaryLogitInUnitInterval,
+        lambda: _loader(*cluster_data(n=64, classes=2)),
+    ),
     "dict batch and dict output": (DictModel, lambda: DataLoader(DictData(), batch_size=32, shuffle=True)),
 }
 
@@ -415,6 +429,7 @@ BUGS = {
     "a feature in raw units": (MLP, _unnormalised, "input_scale"),
     "labels numbered from 1": (MLP, "one_based", "label_range"),
     "one class dominates": (MLP, _imbalanced, "class_imbalance"),
+    "labels in {-1, +1} into BCE with logits": (BinaryLogit, "plus_minus_one", "label_range"),
 }
 
 
@@ -429,6 +444,7 @@ def _bug_data(kind):
         "wide": lambda: _loader(*cluster_data(n=64, dim=64)),
         "binary": lambda: _loader(*cluster_data(n=64, classes=2)),
         "one_based": lambda: _loader(cluster_data(n=64)[0], cluster_data(n=64)[1] + 1),
+        "plus_minus_one": lambda: _loader(*(lambda x, y: (x, y.float() * 2 - 1))(*cluster_data(n=64, classes=2))),
     }[kind]()
 
 
@@ -439,6 +455,33 @@ def test_seeded_bug_is_reported_by_its_check(name):
     row = report[check]
     assert row.status.value in ("fail", "warn"), f"{check}: {row.status.value} {row.message}"
     assert row.verdicts and all(v.check == check for v in row.verdicts)
+
+
+class WeightedMLP(MLP):
+    def __init__(self):
+        super().__init__()
+        self.criterion = nn.CrossEntropyLoss(weight=torch.tensor([0.1, 5.0, 5.0]))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return self.criterion(self(x), y)
+
+
+class FunctionalWeightedMLP(MLP):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("class_weights", torch.tensor([0.1, 5.0, 5.0]))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self(x), y, weight=self.class_weights)
+
+
+@pytest.mark.parametrize("model", [WeightedMLP, FunctionalWeightedMLP])
+def test_imbalance_handled_by_a_weighted_loss_is_not_reported(model):
+    report = run_preflight(model(), _imbalanced(), checks=["class_imbalance"])
+    assert report["class_imbalance"].status.value == "pass", report["class_imbalance"].message
+    assert run_preflight(MLP(), _imbalanced(), checks=["class_imbalance"])["class_imbalance"].status.value == "warn"
 
 
 class KeywordTokens(Program):

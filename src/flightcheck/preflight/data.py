@@ -10,7 +10,7 @@ import math
 from collections.abc import Iterator
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.nn import functional as F
 
 from flightcheck.checks import Verdict
@@ -268,14 +268,56 @@ def judge_label_range(
     )
 
 
-@register("label_range", phase="initial", summary="class ids fit the output size")
+def judge_bce_targets(output: Tensor | None, target: Tensor, loss: float | None) -> Verdict | None:
+    """Targets outside [0, 1] read by binary cross-entropy (e.g. labels in {-1, +1}).
+
+    Speaks only when binary_cross_entropy(_with_logits) on the captured output and the target
+    reproduces the reported loss, so a regression loss on the same values is left alone.
+    """
+    if output is None or loss is None or not math.isfinite(loss) or target.numel() == 0:
+        return None
+    if output.numel() != target.numel() or not torch.is_floating_point(output):
+        return None
+    z, y = output.detach().float().reshape(-1), target.detach().float().reshape(-1)
+    if not bool(torch.isfinite(y).all()):
+        return None
+    low, high = float(y.min()), float(y.max())
+    if low >= 0 and high <= 1:
+        return None
+    with torch.no_grad():
+        formulas = {"binary_cross_entropy_with_logits": float(F.binary_cross_entropy_with_logits(z, y))}
+        if bool((z >= 0).all() and (z <= 1).all()):
+            p = z.clamp(1e-12, 1 - 1e-12)
+            formulas["binary_cross_entropy"] = float(-(y * p.log() + (1 - y) * (1 - p).log()).mean())
+    hit = [name for name, value in formulas.items() if close(loss, value) or close(loss, value * len(y))]
+    if not hit:
+        return None
+    values = torch.unique(y)
+    shown = ", ".join(f"{v:g}" for v in values.tolist()) if values.numel() <= 4 else f"{low:g} .. {high:g}"
+    return Verdict(
+        "label_range",
+        "error",
+        f"the loss is {hit[0]} (= {loss:.4g}) but its targets take values {{{shown}}} outside [0, 1]: "
+        "binary cross-entropy wants 0/1 labels (or probabilities), and is unbounded below on these.",
+        causes=("labels in {-1, +1} (an SVM / hinge-loss convention)", "unscaled soft labels or class ids > 1"),
+        advice=("map the labels to {0, 1}: (y + 1) / 2 for {-1, +1}", "for more than two classes use cross_entropy"),
+        data={"min_label": low, "max_label": high, "loss": loss, "formula": hit[0]},
+    )
+
+
+@register("label_range", phase="initial", summary="class ids fit the output size; BCE targets lie in [0, 1]")
 def label_range(ctx: PreflightContext) -> Iterator[Verdict]:
     target = ctx.target
     if target is None:
         raise Skip("no target was found in the batch (name it with Preflight(target=...))")
+    record = ctx.initial_record
+    if record.error is None:
+        verdict = judge_bce_targets(record.output, target, record.loss)
+        if verdict is not None:
+            yield verdict
+            return
     if not is_integer(target):
         raise Skip("the target holds values, not class ids")
-    record = ctx.initial_record
     stated = ctx.options.num_classes is not None
     classes = ctx.options.num_classes
     if classes is None and record.output is not None:
@@ -290,8 +332,15 @@ def label_range(ctx: PreflightContext) -> Iterator[Verdict]:
 # --------------------------------------------------------------------------- class_imbalance
 #: A batch this small says too little about the class balance.
 MIN_IMBALANCE_BATCH = 16
-#: One class making up this share of a batch is heavy imbalance (or a loader sorted by label).
+#: One class making up this share of a batch is worth a note. Alone it is no bug: real data is
+#: often this skewed (a dataset at 80% majority gives batches of 32 at >= 90% about one time in
+#: ten), so it is reported as ``info`` only.
 MAJORITY_SHARE = 0.9
+#: One class making up this share of a batch, with an unweighted loss, is a ``warning``: a batch of
+#: 32 from data at 80% majority reaches it less than one time in a hundred (>= 31 of 32: 0.7%;
+#: >= 61 of 64: 0.01%), so the data itself is ~95% one class or the loader is sorted by label, and
+#: the model can score 95% by answering that class alone.
+SEVERE_SHARE = 0.95
 
 
 def class_counts(target: Tensor) -> Tensor | None:
@@ -310,10 +359,37 @@ def class_counts(target: Tensor) -> Tensor | None:
     return None
 
 
-def judge_class_imbalance(target: Tensor) -> Verdict | None:
+#: Names of a LightningModule's buffers/attributes that hold class weights for a functional loss.
+_WEIGHT_NAMES = ("class_weight", "class_weights", "pos_weight", "loss_weight", "loss_weights")
+
+
+def loss_weighting(module: nn.Module | None) -> str | None:
+    """Where the loss is class-weighted, if anywhere: an ``nn.*Loss`` with ``weight``/``pos_weight``
+    set, or a tensor attribute or buffer named like class weights (for ``F.cross_entropy(weight=...)``)."""
+    if module is None:
+        return None
+    for name, m in module.named_modules():
+        if isinstance(m, nn.modules.loss._Loss):
+            for attr in ("weight", "pos_weight"):
+                if isinstance(getattr(m, attr, None), Tensor):
+                    return f"{name or type(m).__name__}.{attr}"
+    for name, buf in module.named_buffers():
+        if name.rsplit(".", 1)[-1].lower() in _WEIGHT_NAMES:
+            return name
+    for name in _WEIGHT_NAMES:
+        if isinstance(getattr(module, name, None), Tensor):
+            return name
+    return None
+
+
+def judge_class_imbalance(target: Tensor, weighted: str | None = None) -> Verdict | None:
+    """One class dominating the batch: ``info`` from :data:`MAJORITY_SHARE`, ``warning`` from
+    :data:`SEVERE_SHARE` unless the loss is class-weighted (``weighted`` names where)."""
     counts = class_counts(target)
     if counts is None or int(counts.sum()) < MIN_IMBALANCE_BATCH:
         return None
+    if weighted is not None:
+        return None  # the user has already handled the imbalance in the loss
     total = int(counts.sum())
     top = int(torch.argmax(counts))
     share = int(counts[top]) / total
@@ -321,8 +397,9 @@ def judge_class_imbalance(target: Tensor) -> Verdict | None:
         return None
     return Verdict(
         "class_imbalance",
-        "warning",
-        f"{int(counts[top])} of the batch's {total} samples ({share:.0%}) are class {top}.",
+        "warning" if share >= SEVERE_SHARE else "info",
+        f"{int(counts[top])} of the batch's {total} samples ({share:.0%}) are class {top}, and the loss is not "
+        "class-weighted.",
         causes=("a dataset dominated by one class", "a training loader that is not shuffled over data sorted by label"),
         advice=(
             "shuffle the training loader",
@@ -340,7 +417,7 @@ def class_imbalance(ctx: PreflightContext) -> Iterator[Verdict]:
         raise Skip("no target was found in the batch (name it with Preflight(target=...))")
     if class_counts(target) is None:
         raise Skip("the target is not one class label per sample")
-    verdict = judge_class_imbalance(target)
+    verdict = judge_class_imbalance(target, weighted=loss_weighting(ctx.module))
     if verdict is not None:
         yield verdict
 
@@ -350,7 +427,9 @@ __all__ = [
     "feature_scales",
     "judge_class_imbalance",
     "judge_input_scale",
+    "judge_bce_targets",
     "judge_label_range",
     "judge_nonfinite",
+    "loss_weighting",
     "judge_target_shape",
 ]

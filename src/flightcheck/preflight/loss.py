@@ -471,6 +471,8 @@ def init_loss(ctx: PreflightContext) -> list[Verdict]:
 # --------------------------------------------------------------------------- output_activation
 #: Rows within this of summing to one are probability vectors (softmax output in float32).
 SIMPLEX_ATOL = 1e-3
+#: Ops whose outputs are probabilities (autograd node names, lower-cased, without "Backward").
+SQUASHING_OPS = frozenset({"sigmoid", "softmax", "hardsigmoid"})
 #: Outputs at exactly zero on at least this share of entries look rectified (a ReLU on the output).
 RECTIFIED_SHARE = 0.25
 
@@ -492,11 +494,17 @@ def judge_output_activation(
     loss: float | None,
     num_classes: int | None = None,
     when: str = "at initialisation",
+    producer: str | None = None,
 ) -> Verdict | None:
     """Say whether the output is handed to a loss that expects something else.
 
     Only speaks when a loss formula computed on the captured output reproduces the reported
     loss, so a model whose loss this check does not recognise is left alone.
+
+    Args:
+        producer: the op that computed the output (``StepRecord.producer``, e.g. ``"sigmoid"``
+            or ``"addmm"``), or ``None`` when unknown; a known non-squashing op clears
+            outputs that merely lie in [0, 1] of being probabilities.
     """
     if output is None or target is None or loss is None or not math.isfinite(loss):
         return None
@@ -549,8 +557,19 @@ def judge_output_activation(
                 data=data,
             )
     else:
+        # Logits of a healthy one-logit model can all land in [0, 1] by chance (a bias near 0.5,
+        # small weights), and then bce_with_logits "matches" on them as surely as on sigmoid outputs.
+        # The range is no evidence; the op that made the outputs is. When autograd recorded it, only
+        # a squashing op counts; when it did not (producer None), the range and the loss must do.
         inside = bool((z >= 0).all() and (z <= 1).all())
-        if inside and not bool(((z == 0) | (z == 1)).all()) and "bce_with_logits" in match and "bce" not in match:
+        squashed = producer is None or producer in SQUASHING_OPS
+        if (
+            inside
+            and squashed
+            and not bool(((z == 0) | (z == 1)).all())
+            and "bce_with_logits" in match
+            and "bce" not in match
+        ):
             return Verdict(
                 "output_activation",
                 "error",
@@ -620,8 +639,21 @@ def output_activation(ctx: PreflightContext) -> Iterator[Verdict]:
         pass
     if ctx.target is None:
         raise Skip("no target was found in the batch (name it with Preflight(target=...))")
+    # Outputs that leave [0, 1] once fitted were never probabilities, whatever they were at init.
+    fitted = records[0][0] if len(records) == 2 else None
+    escapes = (
+        fitted is not None
+        and fitted.output is not None
+        and torch.is_floating_point(fitted.output)
+        and bool(((fitted.output < 0) | (fitted.output > 1)).any())
+    )
     for record, when in records:
-        verdict = judge_output_activation(record.output, ctx.target, record.loss, ctx.options.num_classes, when)
+        producer = record.producer
+        if producer is None and escapes:
+            producer = "unbounded"
+        verdict = judge_output_activation(
+            record.output, ctx.target, record.loss, ctx.options.num_classes, when, producer=producer
+        )
         if verdict is not None:
             yield verdict
             return

@@ -395,6 +395,29 @@ def _is_bookkeeping(module: nn.Module) -> bool:
     return any(c.__name__ == "Metric" and c.__module__.startswith("torchmetrics") for c in type(module).__mro__)
 
 
+#: Autograd nodes that only move or cast values; :func:`producer_of` looks through them.
+_PASS_THROUGH = frozenset(
+    "View UnsafeView ReshapeAlias Squeeze Unsqueeze Clone Select Slice ToCopy Expand Permute Transpose "
+    "Alias T AsStrided".split()
+)
+
+
+def producer_of(t: Tensor) -> str | None:
+    """The op that computed ``t`` (``"sigmoid"``, ``"softmax"``, ``"addmm"``...), looking through
+    reshapes and casts; ``None`` when autograd recorded nothing (no-grad, a leaf)."""
+    fn = t.grad_fn
+    for _ in range(16):
+        if fn is None:
+            return None
+        name = type(fn).__name__
+        op = name.split("Backward")[0]
+        nexts = [f for f, _ in fn.next_functions if f is not None]
+        if op not in _PASS_THROUGH or len(nexts) != 1:
+            return op.lower()
+        fn = nexts[0]
+    return None
+
+
 @dataclasses.dataclass
 class StepRecord:
     """What one run of ``training_step`` showed."""
@@ -403,6 +426,7 @@ class StepRecord:
     loss_tensor: Tensor | None = None
     output: Tensor | None = None  # the model's primary output (detached)
     source: str | None = None  # "forward" (the LightningModule's) or the child module's name
+    producer: str | None = None  # the op that made ``output`` (``"sigmoid"``, ``"addmm"``); None if unknown
     modes: dict[str, bool] = dataclasses.field(default_factory=dict)  # dropout/norm layers' training flag when called
     error: UserStepError | None = None
     aborted: Any = None  # what a hook stopped the step with (see ``StepRunner.evaluate(within=...)``)
@@ -415,6 +439,7 @@ class _Capture:
         self.batch_size = batch_size
         self.on_output = on_output
         self.outputs: list[tuple[str, Tensor]] = []
+        self.producers: dict[int, str | None] = {}
         self.modes: dict[str, bool] = {}
         self._handles = [module.register_forward_hook(self._hook("forward"))]
         for name, child in module.named_children():
@@ -429,6 +454,7 @@ class _Capture:
         def hook(_module: nn.Module, _args: Any, output: Any) -> None:
             t = primary_tensor(output, self.batch_size)
             if t is not None:
+                self.producers[len(self.outputs)] = producer_of(t)
                 self.outputs.append((name, t.detach()))
                 if name == "forward" and self.on_output is not None:
                     self.on_output(t.detach())
@@ -441,11 +467,14 @@ class _Capture:
 
         return hook
 
-    def primary(self) -> tuple[str | None, Tensor | None]:
-        for name, t in self.outputs:
+    def primary(self) -> tuple[str | None, Tensor | None, str | None]:
+        """``(source, output, producer)`` of the LightningModule's output, else the last child's."""
+        for i, (name, t) in enumerate(self.outputs):
             if name == "forward":
-                return name, t
-        return (self.outputs[-1][0], self.outputs[-1][1]) if self.outputs else (None, None)
+                return name, t, self.producers.get(i)
+        if not self.outputs:
+            return None, None, None
+        return self.outputs[-1][0], self.outputs[-1][1], self.producers.get(len(self.outputs) - 1)
 
     def close(self) -> None:
         for h in self._handles:
@@ -516,7 +545,7 @@ class StepRunner:
         if loss is None and manual_losses and len(manual_losses) == 1:
             loss = manual_losses[0]  # several backward calls (a GAN's two players) make no single loss
         record.loss_tensor = loss
-        record.source, record.output = capture.primary()
+        record.source, record.output, record.producer = capture.primary()
         record.modes = capture.modes
         return out, record
 
