@@ -102,15 +102,25 @@ class _Layout:
         self.orphans = [i for i, k in enumerate(self.opt_of) if k == self.K]
         self.layer_index = _device_index(layer_of, self.device)
         self.opt_index = _device_index(self.opt_of, self.device)
+        # which optimizer slots hold parameters of each layer: a layer is measured on a step
+        # when one of them stepped (host-side, so the device row needs no "not measured" mark)
+        self.layer_slots = np.zeros((self.L, self.K + 1), dtype=bool)
+        for i, k in enumerate(self.opt_of):
+            self.layer_slots[layer_of[i], k] = True
         self.sample = UpdateSample(self.params, self.names, block_size)
         self.signature = self.signature_of(pl_module, optimizers)
         self.cache: collections.OrderedDict[Any, Any] = collections.OrderedDict()
-        # row layout: grad² per layer | grad² per optimizer | Δw² per layer | w² per layer | Δw², w² per optimizer
+        # One row per step: [grad² per layer | per optimizer] [Δw² per layer | per optimizer]
+        # [w² per layer | per optimizer]; the last two blocks are filled by two index_add_ calls.
         L, K1 = self.L, self.K + 1
         self.G, self.GO = slice(0, L), slice(L, L + K1)
-        self.D, self.W = slice(L + K1, 2 * L + K1), slice(2 * L + K1, 3 * L + K1)
-        self.DO, self.WO = slice(3 * L + K1, 3 * L + 2 * K1), slice(3 * L + 2 * K1, 3 * L + 3 * K1)
+        self.D, self.DO = slice(L + K1, 2 * L + K1), slice(2 * L + K1, 2 * L + 2 * K1)
+        self.W, self.WO = slice(2 * L + 2 * K1, 3 * L + 2 * K1), slice(3 * L + 2 * K1, 3 * L + 3 * K1)
         self.row_len = 3 * L + 3 * K1
+
+    def measured(self, stepped: Sequence[int]) -> np.ndarray:
+        """The layers measured on a step in which the optimizer slots ``stepped`` stepped."""
+        return self.layer_slots[:, list(stepped)].any(axis=1) if stepped else np.zeros(self.L, dtype=bool)
 
     @staticmethod
     def signature_of(pl_module: Any, optimizers: Sequence[Any]) -> tuple:
@@ -118,12 +128,11 @@ class _Layout:
         groups = tuple(id(p) for o in optimizers for g in o.param_groups for p in g["params"])
         return trainable, groups
 
-    def indices(self, params: Sequence[Tensor], key: Any = None) -> tuple[Tensor, Tensor | None, list[int]]:
-        """``(positions, keep, pos_list)`` for the followed ones among ``params``, cached per parameter set.
-
-        ``keep`` selects their entries from a per-``params`` tensor (``None`` when all are followed).
-        """
-        cache_key = (tuple(map(id, params)), key)
+    def indices(self, params: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor | None, list[int]]:
+        """``(positions, layers, keep, pos_list)`` of the followed ones among ``params``, cached
+        per parameter set: their positions, their layers, and ``keep`` to select their entries
+        from a per-``params`` tensor (``None`` when all are followed)."""
+        cache_key = tuple(map(id, params))
         hit = self.cache.get(cache_key)
         if hit is not None:
             return hit
@@ -131,6 +140,7 @@ class _Layout:
         pos_list = [self.pos[id(params[j])] for j in keep]
         entry = (
             _device_index(pos_list, self.device),
+            _device_index([self.layer_of[i] for i in pos_list], self.device),
             None if len(keep) == len(params) else _device_index(keep, self.device),
             pos_list,
         )
@@ -258,12 +268,13 @@ class GradientMonitor(FlightcheckCallback):
     def _reset_device_state(self, lay: _Layout, capacity: int) -> None:
         P, dev = len(lay.params), lay.device
         self._ring = torch.zeros(capacity, lay.row_len, device=dev)
-        self._row = torch.full((lay.row_len,), math.nan, device=dev)
+        self._row = torch.zeros(lay.row_len, device=dev)
         self._grad_steps = torch.zeros(P, device=dev)  # steps with a non-zero gradient
         self._hits = torch.zeros(P, device=dev)  # steps whose sampled block got a non-zero finite gradient
         self._delta_max = torch.zeros(P, device=dev)  # the largest Δw² seen
         self._no_grad_yet = {id(p) for i, p in enumerate(lay.params) if lay.opt_of[i] < lay.K}
         self._unsettled = set(range(P))  # never seen changing: still collecting evidence
+        self._flow_open = True  # some parameter has not had a non-zero gradient yet: keep counting
         self._generation = 0
         self._meta: list[tuple[int, list[float], list[int]]] = []  # (step, learning rates, stepped slots)
         self._batch_open = False
@@ -368,16 +379,19 @@ class GradientMonitor(FlightcheckCallback):
         self._row_step = int(trainer.global_step)
         self._row_lrs = [math.nan] * (lay.K + 1)
         self._row_stepped: list[int] = []  # optimizer slots that had gradients on this step
-        self._row.fill_(math.nan)
+        self._row.zero_()
         lay.sample.snapshot()
         # Parameters in no optimizer keep their .grad (nobody zeroes it): note that they get one.
-        present = [i for i in lay.orphans if lay.params[i].grad is not None]
+        present = [lay.params[i] for i in lay.orphans if lay.params[i].grad is not None]
         if present:
-            grads = [lay.params[i].grad for i in present]
-            self._note_gradients(lay, foreach_norms(grads), [lay.params[i] for i in present], "orphans")
+            positions, _, _, pos_list = lay.indices(present)
+            if self._flow_open:
+                self._grad_steps.index_add_(0, positions, foreach_norms([p.grad for p in present]).ne(0).float())
+            if self._unsettled:
+                self._gather_evidence(lay, present, pos_list)
 
     def _take_gradients(self, lay: _Layout, k: int, params: list[Tensor], norms: Tensor) -> None:
-        positions, keep, _ = lay.indices(params)
+        positions, layers, keep, pos_list = lay.indices(params)
         if keep is not None:
             norms = norms.index_select(0, keep)
             params = [p for p in params if id(p) in lay.pos]
@@ -385,43 +399,34 @@ class GradientMonitor(FlightcheckCallback):
                 return
         norms = norms.to(lay.device) if norms.device != lay.device else norms
         sq = norms.square()
-        layer_idx = lay.layer_index.index_select(0, positions)
-        touched = torch.zeros(lay.L, dtype=torch.bool, device=lay.device).index_fill_(0, layer_idx, True)
-        g = self._row[lay.G]
-        g.copy_(torch.where(touched, g.nan_to_num(0.0) + group_sums(sq, layer_idx, lay.L), g))
-        total = self._row[lay.GO.start + k]
-        total.copy_(total.nan_to_num(0.0) + sq.sum())
+        total = sq.sum()
+        self._row[lay.G].index_add_(0, layers, sq)
+        self._row[lay.GO.start + k].add_(total)
+        if self._flow_open:
+            self._grad_steps.index_add_(0, positions, norms.ne(0).float())
         self._steps_with_grads += 1
         if self._no_grad_yet:
             self._no_grad_yet.difference_update(map(id, params))
-        self._note_gradients(lay, norms, params, k, finite=torch.isfinite(sq.sum()))
+        if self._unsettled:
+            self._gather_evidence(lay, params, pos_list, torch.isfinite(total))
 
-    def _note_gradients(self, lay: _Layout, norms: Tensor, params: list[Tensor], key: Any,
-                        finite: Tensor | None = None) -> None:
-        positions, _, pos_list = lay.indices(params)
-        self._grad_steps.index_add_(0, positions, (norms != 0).float())
-        if not self._unsettled:
-            return
-        # Evidence for "never updated": the sampled block of a not-yet-changed parameter got a
-        # finite non-zero gradient on this step (index tensors cached per settling generation).
-        cpos, cand = self._candidates(lay, params, pos_list, ("evidence", key, self._generation))
-        if not cand:
-            return
-        block = lay.sample.grad_block_norms(cand, [lay.params[i].grad for i in cand])
-        hit = block != 0
-        if finite is not None:
-            hit = hit & finite
-        self._hits.index_add_(0, cpos, hit.float())
-
-    def _candidates(self, lay: _Layout, params: list[Tensor], pos_list: list[int], key: Any) -> tuple[Tensor, list[int]]:
-        """The not-yet-settled among ``params``; recomputed only when the settled set changes (a flush)."""
-        cache_key = (tuple(map(id, params)), key)
+    def _gather_evidence(self, lay: _Layout, params: list[Tensor], pos_list: list[int],
+                         finite: Tensor | None = None) -> None:
+        """Evidence for "never updated": the sampled block of a parameter not yet seen changing
+        got a finite non-zero gradient on this step. Stops once every parameter has changed."""
+        cache_key = ("evidence", tuple(map(id, params)), self._generation)
         hit = lay.cache.get(cache_key)
-        if hit is None:
+        if hit is None:  # recomputed only when the settled set changes (at a flush)
             cand = [i for i in pos_list if i in self._unsettled]
             hit = (_device_index(cand, lay.device), cand)
             lay.remember(cache_key, hit)
-        return hit
+        cpos, cand = hit
+        if not cand:
+            return
+        hits = lay.sample.grad_block_norms(cand, [lay.params[i].grad for i in cand]) != 0
+        if finite is not None:
+            hits = hits & finite
+        self._hits.index_add_(0, cpos, hits.float())
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         if not self._batch_open:
@@ -430,14 +435,14 @@ class GradientMonitor(FlightcheckCallback):
         assert lay is not None
         self._batch_open = False
         delta_sq, weight_sq = lay.sample.measure()
-        row = self._row
-        row[lay.D] = group_sums(delta_sq, lay.layer_index, lay.L)
-        row[lay.W] = group_sums(weight_sq, lay.layer_index, lay.L)
-        row[lay.DO] = group_sums(delta_sq, lay.opt_index, lay.K + 1)
-        row[lay.WO] = group_sums(weight_sq, lay.opt_index, lay.K + 1)
-        torch.maximum(self._delta_max, delta_sq, out=self._delta_max)
+        both = torch.stack([delta_sq, weight_sq])  # rows [Δw² | w²], zero in self._row until now
+        updates = self._row[lay.D.start :].view(2, lay.L + lay.K + 1)
+        updates[:, : lay.L].index_add_(1, lay.layer_index, both)
+        updates[:, lay.L :].index_add_(1, lay.opt_index, both)
+        if self._unsettled:
+            torch.maximum(self._delta_max, delta_sq, out=self._delta_max)
         n = len(self._meta)
-        self._ring[n].copy_(row)
+        self._ring[n].copy_(self._row)
         self._meta.append((self._row_step, self._row_lrs, self._row_stepped))
         if self._row_due or len(self._meta) >= self._ring.shape[0]:
             self._flush(trainer)
@@ -459,18 +464,23 @@ class GradientMonitor(FlightcheckCallback):
             flat = torch.cat([self._ring[:n].reshape(-1), exact_w, self._grad_steps, self._hits, self._delta_max])
             host = flat.cpu().numpy().astype(np.float64)  # the one device-to-host transfer of the interval
         meta, self._meta = self._meta, []
+        lay.sample.refresh()
         rows = host[: n * lay.row_len].reshape(n, lay.row_len)
         rest = host[n * lay.row_len :]
         layer_w = rest[:L]
         grad_steps, hits, delta_max = rest[L : L + P], rest[L + P : L + 2 * P], rest[L + 2 * P :]
+        # Once every parameter has changed and had a non-zero gradient, the per-parameter
+        # bookkeeping behind never_updated and gradient_flow stops (those findings are about
+        # parameters that never do): the steady-state step is a few ops lighter.
         changed = {i for i in self._unsettled if delta_max[i] != 0}
         if changed:
             self._unsettled -= changed
             self._generation += 1
+        self._flow_open = bool(self._no_grad_yet) or bool((grad_steps == 0).any())
 
         step = meta[-1][0]
         metrics = self._absorb_rows(lay, rows, meta, _norm_clip(trainer))
-        metrics.update(self._layer_metrics(trainer, lay, rows, layer_w))
+        metrics.update(self._layer_metrics(trainer, lay, rows, meta, layer_w))
         self.hub(trainer).log_scalars(metrics, step=step)
         verdicts = self._judge_series(lay, rows, step, _progress(trainer, step))
         verdicts += self._judge_parameters(lay, grad_steps, hits, delta_max, step)
@@ -494,7 +504,7 @@ class GradientMonitor(FlightcheckCallback):
         totals = []
         for row, (step, lrs, stepped) in zip(rows, meta):
             g_layer, g_opt, d_opt, w_opt, w_layer = row[lay.G], row[lay.GO], row[lay.DO], row[lay.WO], row[lay.W]
-            measured = np.isfinite(g_layer)
+            measured = lay.measured(stepped)
             top = None
             if stepped:  # charted as it is, inf or NaN included
                 totals.append(float(np.sqrt(sum(g_opt[k] for k in stepped))))
@@ -664,12 +674,13 @@ class GradientMonitor(FlightcheckCallback):
         self.report_verdict(trainer, verdict, step=step)
 
     # ------------------------------------------------------------------ charts
-    def _layer_metrics(self, trainer: Any, lay: _Layout, rows: np.ndarray, layer_w: np.ndarray) -> dict[str, float]:
+    def _layer_metrics(self, trainer: Any, lay: _Layout, rows: np.ndarray, meta: list,
+                       layer_w: np.ndarray) -> dict[str, float]:
         """Per-layer scalars at a logging step: the charted layers, and the rest summed as ``other``."""
         metrics = {"flightcheck/weight_norm/total": float(np.sqrt(layer_w.sum()))}
         grad = np.full(lay.L, np.nan)
-        for row in rows:  # the latest measurement of every layer
-            fresh = np.isfinite(row[lay.G])
+        for row, (_, _, stepped) in zip(rows, meta):  # the latest measurement of every layer
+            fresh = lay.measured(stepped)
             grad[fresh] = row[lay.G][fresh]
         delta, weight = rows[-1][lay.D], rows[-1][lay.W]
         charted = self._charted(lay)

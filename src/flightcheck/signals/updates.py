@@ -80,12 +80,23 @@ class UpdateSample:
         )
         self._before = [torch.empty(length, dtype=p.dtype, device=p.device) for p, (_, length) in
                         zip(self.params, self.spans)]
+        self._views = blocks(self.params, self.spans)
+
+    def refresh(self) -> None:
+        """Re-take the block views of tensors whose storage was replaced (``param.data = ...``).
+
+        Views are kept from step to step (building them costs a few dispatches per tensor);
+        optimizers update in place, so this is only needed when user code swaps a storage.
+        """
+        for i, (p, view) in enumerate(zip(self.params, self._views)):
+            if view.untyped_storage().data_ptr() != p.untyped_storage().data_ptr():
+                self._views[i] = blocks([p], [self.spans[i]])[0]
 
     def snapshot(self) -> None:
         """Copy every block; call it before the optimizer step."""
         if self.params:
             with torch.no_grad():
-                torch._foreach_copy_(self._before, blocks(self.params, self.spans))
+                torch._foreach_copy_(self._before, self._views)
 
     def measure(self) -> tuple[Tensor, Tensor]:
         """``(delta_sq, before_sq)`` per tensor: the squared norms of the step's change and of the
@@ -98,8 +109,9 @@ class UpdateSample:
             empty = torch.zeros(0)
             return empty, empty
         with torch.no_grad():
-            delta = torch._foreach_sub(blocks(self.params, self.spans), self._before)
-            return foreach_norms(delta).square() * self.scale, foreach_norms(self._before).square() * self.scale
+            delta = torch._foreach_sub(self._views, self._before)
+            both = foreach_norms([*delta, *self._before]).square().view(2, -1) * self.scale  # one fused read
+            return both[0], both[1]
 
     def grad_block_norms(self, positions: Sequence[int], grads: Sequence[Tensor]) -> Tensor:
         """Norms of the gradient over the same blocks, for the tensors at ``positions``.
