@@ -180,7 +180,9 @@ VARIANTS: list[tuple[str, Callable[[], list[Any]]]] = [
 
 # ----------------------------------------------------------------------------- measuring
 def held_bytes(obj: Any, seen: set[int] | None = None, depth: int = 0) -> int:
-    """Bytes of the tensors an object keeps (through attributes, containers), each counted once."""
+    """Bytes of the tensors an object keeps (through attributes, containers), each storage
+    counted once; storages already in ``seen`` (the model's own, put there by the caller)
+    are not counted, so a view of a weight costs nothing."""
     seen = set() if seen is None else seen
     if id(obj) in seen or depth > 12:
         return 0
@@ -235,7 +237,10 @@ def run_variant(make: Callable[[], list[Any]], device: str, steps: int, batch_si
     times = timer.step_times()
     if cuda:  # one synchronised window: the mean is the honest figure
         times = [sum(times) / len(times)] * len(times)
-    out = {"times": times, "held": held_bytes(callbacks), "params": sum(p.numel() for p in model.parameters()),
+    model_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    model_storages |= {p.grad.untyped_storage().data_ptr() for p in model.parameters() if p.grad is not None}
+    out = {"times": times, "held": held_bytes(callbacks, seen=model_storages),
+           "params": sum(p.numel() for p in model.parameters()),
            "hooks": [clock.total / len(times)]}
     out["cuda_peak"] = torch.cuda.max_memory_allocated() if cuda else None
     findings = [f for cb in callbacks for f in getattr(cb, "findings", []) if f.check == "internal_error"]

@@ -434,13 +434,12 @@ class GradientMonitor(FlightcheckCallback):
         lay = self._layout
         assert lay is not None
         self._batch_open = False
-        delta_sq, weight_sq = lay.sample.measure()
-        both = torch.stack([delta_sq, weight_sq])  # rows [Δw² | w²], zero in self._row until now
-        updates = self._row[lay.D.start :].view(2, lay.L + lay.K + 1)
+        both = lay.sample.measure()  # rows: Δw², w² per tensor
+        updates = self._row[lay.D.start :].view(2, lay.L + lay.K + 1)  # zero until now
         updates[:, : lay.L].index_add_(1, lay.layer_index, both)
         updates[:, lay.L :].index_add_(1, lay.opt_index, both)
         if self._unsettled:
-            torch.maximum(self._delta_max, delta_sq, out=self._delta_max)
+            torch.maximum(self._delta_max, both[0], out=self._delta_max)
         n = len(self._meta)
         self._ring[n].copy_(self._row)
         self._meta.append((self._row_step, self._row_lrs, self._row_stepped))

@@ -98,20 +98,18 @@ class UpdateSample:
             with torch.no_grad():
                 torch._foreach_copy_(self._before, self._views)
 
-    def measure(self) -> tuple[Tensor, Tensor]:
-        """``(delta_sq, before_sq)`` per tensor: the squared norms of the step's change and of the
-        weights before it, scaled to whole-tensor estimates (float32, on the device).
+    def measure(self) -> Tensor:
+        """A ``(2, tensors)`` float32 device tensor: per tensor, the squared norms of the step's
+        change (row 0) and of the weights before it (row 1), scaled to whole-tensor estimates.
 
         The ratio is taken against the weights *before* the step, so a step that blows the
         weights up reads as the huge ratio it is, not as ~1 against the blown-up weights.
         """
         if not self.params:
-            empty = torch.zeros(0)
-            return empty, empty
+            return torch.zeros(2, 0)
         with torch.no_grad():
             delta = torch._foreach_sub(self._views, self._before)
-            both = foreach_norms([*delta, *self._before]).square().view(2, -1) * self.scale  # one fused read
-            return both[0], both[1]
+            return foreach_norms([*delta, *self._before]).square().view(2, -1) * self.scale  # one fused read
 
     def grad_block_norms(self, positions: Sequence[int], grads: Sequence[Tensor]) -> Tensor:
         """Norms of the gradient over the same blocks, for the tensors at ``positions``.
