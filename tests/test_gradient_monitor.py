@@ -10,6 +10,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
+import flightcheck
 from flightcheck import GradientMonitor
 from tests.conftest import TinyClassifier, cluster_data, loader, make_trainer
 
@@ -363,3 +364,32 @@ def test_state_survives_a_checkpoint(tmp_path):
 def test_misconfiguration_names_the_parameter_and_accepted_values(kwargs, match):
     with pytest.raises(ValueError, match=match):
         GradientMonitor(**kwargs)
+
+
+class _EvalInTrainingStep(TinyClassifier):
+    """A model whose training_step switches it to eval mode: dropout silently off."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(8, 32), torch.nn.Dropout(0.3), torch.nn.ReLU(), torch.nn.Linear(32, 3)
+        )
+
+    def training_step(self, batch, batch_idx):
+        self.eval()
+        return super().training_step(batch, batch_idx)
+
+
+def test_eval_mode_left_on_during_training_is_reported_as_train_mode(tmp_path, data):
+    trainer = make_trainer(tmp_path, [GradientMonitor()], max_steps=12)
+    trainer.fit(_EvalInTrainingStep(), loader(*data))
+    found = [f for f in flightcheck.findings(trainer) if f.check == "train_mode"]
+    assert len(found) == 1 and "net.1 (Dropout)" in found[0].message
+
+
+def test_dropout_in_train_mode_is_not_reported(tmp_path, data):
+    model = _EvalInTrainingStep()
+    model.training_step = lambda batch, batch_idx: TinyClassifier.training_step(model, batch, batch_idx)
+    trainer = make_trainer(tmp_path, [GradientMonitor()], max_steps=12)
+    trainer.fit(model, loader(*data))
+    assert [f for f in flightcheck.findings(trainer) if f.check == "train_mode"] == []

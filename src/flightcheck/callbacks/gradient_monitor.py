@@ -47,6 +47,7 @@ from torch import Tensor
 from flightcheck.callbacks.base import FlightcheckCallback, OnFinding, logging_due
 from flightcheck.checks import Verdict
 from flightcheck.checks import gradients as judge
+from flightcheck.checks import modes as judge_modes
 from flightcheck.signals.layers import group_by_layer
 from flightcheck.signals.norms import foreach_norms, group_sums, step_grad_norms
 from flightcheck.signals.robust import trailing_medians
@@ -443,8 +444,19 @@ class GradientMonitor(FlightcheckCallback):
         n = len(self._meta)
         self._ring[n].copy_(self._row)
         self._meta.append((self._row_step, self._row_lrs, self._row_stepped))
+        if self._row_due:
+            self._check_train_mode(trainer, pl_module)
         if self._row_due or len(self._meta) >= self._ring.shape[0]:
             self._flush(trainer)
+
+    def _check_train_mode(self, trainer: Any, pl_module: Any) -> None:
+        """Dropout / batch norm left in eval mode by the step (a ``model.eval()`` in
+        ``training_step`` or an epoch hook); read on logging steps only, from module flags."""
+        verdict = judge_modes.judge_train_mode(*judge_modes.current_modes(pl_module))
+        if verdict is None:
+            self.resolve("train_mode")
+        else:
+            self.report_verdict(trainer, verdict)
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         self._flush(trainer)

@@ -2,50 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 
 from torch import nn
 
 from flightcheck.checks import Verdict
+from flightcheck.checks.modes import judge_train_mode
 from flightcheck.preflight.context import PreflightContext
 from flightcheck.preflight.registry import Skip, register
-
-#: How many modules a message names.
-NAMED_MODULES = 5
-
-
-def judge_train_mode(
-    modes: Mapping[str, bool], kinds: Mapping[str, str], learning: Mapping[str, bool]
-) -> Verdict | None:
-    """Modules in eval mode during a training step, among those whose part of the model learns.
-
-    Args:
-        modes: each dropout/batch-norm module's ``training`` flag when the step called it.
-        kinds: each module's class name.
-        learning: whether the module's part of the model (its own parameters, else its parent's)
-            receives gradients; a frozen backbone kept in eval mode on purpose is not reported.
-    """
-    found = [name for name, training in modes.items() if not training and learning.get(name, False)]
-    if not found:
-        return None
-    shown = ", ".join(f"{n} ({kinds.get(n, '?')})" for n in found[:NAMED_MODULES])
-    more = len(found) - NAMED_MODULES
-    return Verdict(
-        "train_mode",
-        "warning",
-        f"{len(found)} module{'s were' if len(found) != 1 else ' was'} in eval mode during a training step: {shown}"
-        + (f" and {more} more" if more > 0 else "")
-        + ". Dropout is off and batch norm uses (and never updates) its running statistics.",
-        causes=(
-            "model.eval() called in __init__, setup or a hook, and never undone",
-            "a submodule switched to eval for inference and left there",
-        ),
-        advice=(
-            "call self.train() at the start of training (or remove the eval() call)",
-            "to freeze a part on purpose, also set requires_grad_(False) on it",
-        ),
-        data={"modules": found},
-    )
 
 
 def _parent(name: str) -> str:
