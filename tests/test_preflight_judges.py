@@ -394,3 +394,35 @@ def test_a_warm_up_is_found_and_replayed_compressed():
     assert opt.param_groups[0]["lr"] == pytest.approx(1e-3 / 25)
     ramp.apply(30)
     assert opt.param_groups[0]["lr"] == pytest.approx(1e-3)
+
+
+def _one_hot_batch(classes=4, n=32):
+    y = torch.randint(0, classes, (n,), generator=torch.Generator().manual_seed(1))
+    return F.one_hot(y, classes).float()
+
+
+def test_log_softmax_outputs_into_bce_with_logits_are_an_output_activation_error():
+    t = _one_hot_batch()
+    out = F.log_softmax(torch.randn(32, 4, requires_grad=True), -1)
+    loss = F.binary_cross_entropy_with_logits(out, t).item()
+    v = judge_output_activation(out.detach(), t, loss, producer="logsoftmax")
+    assert v is not None and v.severity.value == "error" and "log-probabilities" in v.message
+
+
+def test_raw_logits_that_happen_to_be_all_negative_are_not_log_probabilities():
+    t = _one_hot_batch()
+    raw = torch.randn(32, 4, generator=torch.Generator().manual_seed(2)) - 3.0  # a strongly negative bias
+    loss = F.binary_cross_entropy_with_logits(raw, t).item()
+    assert judge_output_activation(raw, t, loss, producer="addmm") is None
+    assert judge_output_activation(raw, t, loss, producer=None) is None
+
+
+def test_log_softmax_outputs_scored_by_bce_against_one_hot_class_ids_are_an_output_activation_error():
+    y = torch.randint(0, 4, (32,), generator=torch.Generator().manual_seed(3))
+    out = F.log_softmax(torch.randn(32, 4, requires_grad=True), -1)
+    loss = F.binary_cross_entropy_with_logits(out, F.one_hot(y, 4).float()).item()
+    v = judge_output_activation(out.detach(), y, loss, producer="logsoftmax")
+    assert v is not None and v.check == "output_activation" and "log-probabilities" in v.message
+    logits = torch.randn(32, 4, generator=torch.Generator().manual_seed(4))
+    healthy = F.binary_cross_entropy_with_logits(logits, F.one_hot(y, 4).float()).item()
+    assert judge_output_activation(logits, y, healthy, producer="addmm") is None

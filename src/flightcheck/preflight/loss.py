@@ -473,6 +473,8 @@ def init_loss(ctx: PreflightContext) -> list[Verdict]:
 SIMPLEX_ATOL = 1e-3
 #: Ops whose outputs are probabilities (autograd node names, lower-cased, without "Backward").
 SQUASHING_OPS = frozenset({"sigmoid", "softmax", "hardsigmoid"})
+#: Ops whose outputs are log-probabilities (all <= 0): a loss on logits reads them as "never positive".
+LOG_PROBABILITY_OPS = frozenset({"logsoftmax", "logsigmoid"})
 #: Outputs at exactly zero on at least this share of entries look rectified (a ReLU on the output).
 RECTIFIED_SHARE = 0.25
 
@@ -487,6 +489,33 @@ _SOFTMAX_TWICE = Verdict(
     ),
 )
 
+
+
+def _log_probabilities(z: Tensor, producer: str | None) -> bool:
+    """Whether the outputs are log-probabilities. Logits are negative everywhere only by accident,
+    so the op that made them must be a log-softmax / log-sigmoid, or (op unknown) each row must
+    be an exact log-probability vector."""
+    if not bool((z <= 0).all()):
+        return False
+    return producer in LOG_PROBABILITY_OPS if producer is not None else _is_log_simplex(z)
+
+
+def _log_probabilities_into_bce(loss: float, when: str, producer: str | None, data: dict) -> Verdict:
+    # Log-probabilities are all <= 0, so a loss on logits reads every one as "class absent"
+    # (sigmoid <= 0.5): the positives can never be predicted and the loss floors high.
+    return Verdict(
+        "output_activation",
+        "error",
+        f"the outputs are log-probabilities (all <= 0, made by {producer or 'a log-softmax'}) and the loss "
+        f"{loss:.4g} is binary_cross_entropy_with_logits on them {when}: every output reads as "
+        "probability <= 0.5, so the positive labels can never be predicted.",
+        causes=("log_softmax / log_sigmoid at the end of the model before a loss that wants raw logits",),
+        advice=(
+            "return raw logits to binary_cross_entropy_with_logits",
+            "for single-label classes, use cross_entropy on logits (or nll_loss on log_softmax)",
+        ),
+        data=data,
+    )
 
 def judge_output_activation(
     output: Tensor | None,
@@ -536,6 +565,8 @@ def judge_output_activation(
                     advice=("end the model with log_softmax, or return logits and use cross_entropy",),
                     data=data,
                 )
+        elif _log_probabilities(z, producer) and "one_hot_bce_with_logits" in match and "cross_entropy" not in match:
+            return _log_probabilities_into_bce(loss, when, producer, data)
         elif raw.dim() == 2 and raw.shape[0] > 1 and raw.shape[0] != raw.shape[1] and _is_simplex(raw, 0):
             return Verdict(
                 "output_activation",
@@ -582,6 +613,8 @@ def judge_output_activation(
                 ),
                 data=data,
             )
+        if _log_probabilities(z, producer) and "bce_with_logits" in match:
+            return _log_probabilities_into_bce(loss, when, producer, data)
     zeros = float((z == 0).float().mean())
     if (
         bool((z >= 0).all())

@@ -145,6 +145,10 @@ def candidate_losses(task: Task) -> dict[str, float]:
             out["cross_entropy"] = float(-logp.gather(1, y[:, None]).mean())
             out["uniform_cross_entropy"] = float(-logp.mean())  # the label-smoothing term
             out["nll_loss"] = float(-z.gather(1, y[:, None]).mean())
+            # multi-label style scoring of class ids (one-hot targets made inside the loss)
+            out["one_hot_bce_with_logits"] = float(
+                F.binary_cross_entropy_with_logits(z, F.one_hot(y, z.shape[-1]).to(z.dtype))
+            )
             if bool((z > 0).all()):
                 out["nll_of_log"] = float(-z.log().gather(1, y[:, None]).mean())
         elif task.kind == "multiclass":
