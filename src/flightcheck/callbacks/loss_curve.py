@@ -55,6 +55,7 @@ from flightcheck.callbacks.base import FlightcheckCallback, OnFinding, logging_d
 from flightcheck.checks.curves import CONFIRM, ESCALATE_AFTER, CurveWatch, Diagnosis, Update, lr_collapsed
 from flightcheck.findings import Finding
 from flightcheck.reporting.sinks import configure_console
+from flightcheck.utils.batch import step_loss
 from flightcheck.utils.text import table
 
 log = logging.getLogger("flightcheck")
@@ -236,10 +237,7 @@ class LossCurveMonitor(FlightcheckCallback):
 
     # ------------------------------------------------------------------ the device buffer
     def _loss_of(self, outputs: Any, pl_module: Any, trainer: Any) -> Tensor | None:
-        loss = outputs if isinstance(outputs, Tensor) else None
-        if isinstance(outputs, Mapping):
-            value = outputs.get(self.train_loss_key)
-            loss = value if isinstance(value, Tensor) else None
+        loss = step_loss(outputs, self.train_loss_key)
         if loss is None or loss.numel() == 0:
             return None
         loss = loss.detach().float().mean()

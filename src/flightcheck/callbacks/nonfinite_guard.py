@@ -89,6 +89,7 @@ from flightcheck.errors import NonFiniteError
 from flightcheck.findings import Finding
 from flightcheck.signals.norms import foreach_norms, step_grad_norms
 from flightcheck.utils import modes_preserved, preserved_rng, tensors_in
+from flightcheck.utils.batch import step_loss
 
 ACTIONS = ("warn", "skip", "stop", "raise")
 _SYNCED_ACTIONS = ("skip", "stop", "raise")
@@ -238,7 +239,7 @@ class NonFiniteGuard(FlightcheckCallback):
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         if not self._losses and not self._flushed:
-            loss = _loss_of(outputs)
+            loss = step_loss(outputs)
             if loss is not None and loss.numel():
                 self._losses.append(_as_scalar(loss))
         self._flush_batch(trainer)
@@ -502,7 +503,7 @@ class NonFiniteGuard(FlightcheckCallback):
         recorder = _ForwardRecorder(pl_module)
         with _replaying(trainer, pl_module), recorder, torch.no_grad():
             output = _call_training_step(pl_module, batch, batch_idx)
-        loss = _loss_of(output)
+        loss = step_loss(output)
         loss_finite = loss is None or count_nonfinite(loss.detach()) == 0
         calls = recorder.calls()
         backward_op = None
@@ -763,15 +764,6 @@ def _loss_scaler(trainer: Any) -> Any:
         return None
     is_enabled = getattr(scaler, "is_enabled", None)
     return scaler if is_enabled is None or is_enabled() else None
-
-
-def _loss_of(outputs: Any) -> Tensor | None:
-    """The loss in what ``training_step`` returned: a tensor, a dict with ``"loss"``, or ``None``."""
-    if isinstance(outputs, Tensor):
-        return outputs
-    if isinstance(outputs, dict) and isinstance(outputs.get("loss"), Tensor):
-        return outputs["loss"]
-    return None
 
 
 def _logged_training_values(trainer: Any) -> dict[str, Tensor]:
@@ -1079,7 +1071,7 @@ def _backward_culprit(trainer: Any, pl_module: Any, batch: Any, batch_idx: int) 
     if not params:
         return None
     with _replaying(trainer, pl_module), torch.enable_grad():
-        loss = _loss_of(_call_training_step(pl_module, batch, batch_idx))
+        loss = step_loss(_call_training_step(pl_module, batch, batch_idx))
         if loss is None or loss.grad_fn is None:
             return None
         records: list[tuple[str, Tensor]] = []

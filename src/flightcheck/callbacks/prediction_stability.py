@@ -11,7 +11,6 @@ stagnated.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -64,6 +63,7 @@ from flightcheck.signals.predictions import (
     valid_positions,
     variance,
 )
+from flightcheck.utils.batch import step_loss
 
 #: Keys of ``trainer.callback_metrics`` read for the training loss when ``training_step``
 #: returns none (manual optimisation returning ``None``).
@@ -458,12 +458,8 @@ class PredictionStability(FlightcheckCallback):
 
 # ---------------------------------------------------------------------- helpers
 def _loss_of(outputs: Any) -> Tensor | None:
-    if isinstance(outputs, Tensor):
-        return outputs if outputs.numel() == 1 else None
-    if isinstance(outputs, Mapping):
-        loss = outputs.get("loss")
-        return loss if isinstance(loss, Tensor) and loss.numel() == 1 else None
-    return None
+    loss = step_loss(outputs)
+    return loss if loss is not None and loss.numel() == 1 else None
 
 
 def _logged_loss(trainer: Any, device: torch.device) -> Tensor | None:

@@ -30,3 +30,14 @@ def batch_size_of(batch: Any) -> int | None:
         if t.dim() > 0:
             return int(t.shape[0])
     return None
+
+
+def step_loss(outputs: Any, key: str = "loss") -> torch.Tensor | None:
+    """The loss in what ``training_step`` returned: the tensor itself, the tensor under ``key``
+    of a dict, or ``None`` (``None`` returned, or no tensor there)."""
+    if isinstance(outputs, torch.Tensor):
+        return outputs
+    if isinstance(outputs, Mapping):
+        value = outputs.get(key)
+        return value if isinstance(value, torch.Tensor) else None
+    return None
