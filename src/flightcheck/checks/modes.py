@@ -12,9 +12,7 @@ from collections.abc import Mapping
 from torch import nn
 
 from flightcheck.checks import Verdict
-
-#: the modules whose behaviour differs between train and eval mode
-MODE_DEPENDENT = (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._BatchNorm)
+from flightcheck.utils.modules import MODE_DEPENDENT, parent_name
 
 
 #: How many modules a message names.
@@ -71,6 +69,6 @@ def current_modes(module: nn.Module) -> tuple[dict[str, bool], dict[str, str], d
         if own:
             learning[name] = any(p.requires_grad for p in own)
         else:
-            parent = modules.get(name.rsplit(".", 1)[0] if "." in name else "", module)
+            parent = modules.get(parent_name(name), module)
             learning[name] = any(p.requires_grad for p in parent.parameters())
     return modes, kinds, learning

@@ -29,6 +29,7 @@ from torch import Tensor
 
 from flightcheck.checks import Verdict
 from flightcheck.findings import Severity
+from flightcheck.utils.modules import parent_name
 
 CHECK = "nonfinite"
 
@@ -153,11 +154,6 @@ def first_nonfinite_call(calls: Sequence[ModuleCall]) -> int | None:
         if not call.outputs_finite:
             return i
     return None
-
-
-def parent_name(name: str) -> str:
-    """``"encoder.layers.3"`` -> ``"encoder.layers"``; a top-level child's parent is ``""``."""
-    return name.rsplit(".", 1)[0] if "." in name else ""
 
 
 def locate_origin(

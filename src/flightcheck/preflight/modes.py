@@ -10,10 +10,7 @@ from flightcheck.checks import Verdict
 from flightcheck.checks.modes import judge_train_mode
 from flightcheck.preflight.context import PreflightContext
 from flightcheck.preflight.registry import Skip, register
-
-
-def _parent(name: str) -> str:
-    return name.rsplit(".", 1)[0] if "." in name else ""
+from flightcheck.utils.modules import parent_name
 
 
 @register("train_mode", phase="fitted", summary="dropout and batch norm layers are in training mode during a step")
@@ -35,7 +32,7 @@ def train_mode(ctx: PreflightContext) -> Iterator[Verdict]:
     learning = {}
     for name in modes:
         own = [f"{name}.{p}" for p, _ in modules[name].named_parameters(recurse=False)] if name in modules else []
-        learning[name] = any(learns.get(n, False) for n in own) if own else subtree_learns(_parent(name))
+        learning[name] = any(learns.get(n, False) for n in own) if own else subtree_learns(parent_name(name))
     kinds = {n: type(modules[n]).__name__ for n in modes if n in modules}
     verdict = judge_train_mode(modes, kinds, learning)
     if verdict is not None:

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from flightcheck.utils import modes_preserved, preserved_rng
+from flightcheck.utils.modules import MODE_DEPENDENT
 
 #: Seed of every generator inside the sandbox, so that all DDP ranks draw the same numbers.
 SANDBOX_SEED = 0
@@ -445,9 +446,8 @@ class _Capture:
         for name, child in module.named_children():
             if not _is_bookkeeping(child):
                 self._handles.append(child.register_forward_hook(self._hook(name)))
-        watched = (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._BatchNorm)
         for name, m in module.named_modules():
-            if isinstance(m, watched):
+            if isinstance(m, MODE_DEPENDENT):
                 self._handles.append(m.register_forward_pre_hook(self._mode_hook(name)))
 
     def _hook(self, name: str) -> Callable[..., None]:
