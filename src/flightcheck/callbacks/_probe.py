@@ -11,8 +11,10 @@ Where the probe comes from, first that applies:
 3. the first training batch, copied in ``on_train_batch_start`` before ``training_step``
    sees it (when there is no validation, or the sanity check is off).
 
-The probe is not saved in checkpoints: a resumed run takes a new one and starts its
-comparisons afresh.
+The probe is not saved in checkpoints, only a fingerprint of it: a resumed run takes its
+probe again the same way, and when it is the same batch (the same first validation batch, or
+the batch given) the comparisons go on from the checkpoint's answers as if the run had not
+been interrupted; otherwise they start afresh.
 """
 
 from __future__ import annotations
@@ -132,6 +134,10 @@ def copy_batch(batch: Any) -> Any:
 
 
 # --------------------------------------------------------------------------- source
+#: A probe batch up to this size travels in checkpoints, so a resumed run predicts the same one.
+PORTABLE_PROBE_BYTES = 4 << 20
+
+
 class ProbeSource:
     """Holds the probe batch: the user's, else the first validation batch, else the first training batch."""
 
@@ -139,30 +145,80 @@ class ProbeSource:
         if batch is not None and not any(True for _ in tensors_in(batch)):
             raise TypeError(f"probe_batch must contain at least one tensor, got {type(batch).__name__}")
         self._given = batch
+        self._restored: Any = None  # the probe of the run a checkpoint came from (this fit only)
         self._batch: Any = None
         self.origin: str | None = None
 
     def offer_validation(self, trainer: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         """Take the first batch of the first validation loader of a fit's sanity check."""
-        if self._batch is not None or self._given is not None or not _fitting(trainer):
+        if self._batch is not None or self._given is not None or self._restored is not None or not _fitting(trainer):
             return
         if getattr(trainer, "sanity_checking", False) and batch_idx == 0 and dataloader_idx == 0 and batch is not None:
             self._batch, self.origin = copy_batch(batch), "validation"
 
     def offer_training(self, trainer: Any, batch: Any) -> None:
         """Take the first training batch when nothing better came."""
-        if self._batch is None and self._given is None and batch is not None:
+        if self._batch is None and self._given is None and self._restored is None and batch is not None:
             self._batch, self.origin = copy_batch(batch), "training"
 
     def get(self, trainer: Any, pl_module: Any) -> Any:
-        if self._batch is None and self._given is not None:
-            batch = trainer.precision_plugin.convert_input(self._given)
-            self._batch, self.origin = move_data_to_device(batch, pl_module.device), "given"
+        if self._batch is None and (self._given is not None or self._restored is not None):
+            given = self._given if self._given is not None else self._restored
+            batch = trainer.precision_plugin.convert_input(given)
+            origin = "given" if self._given is not None else "checkpoint"
+            self._batch, self.origin = move_data_to_device(batch, pl_module.device), origin
         return self._batch
 
+    def get_known(self) -> Any:
+        """The probe as last probed, or ``None`` (nothing moved or copied)."""
+        return self._batch
+
+    def restore(self, batch: Any) -> None:
+        """Probe the batch a checkpoint carried (unless the user gave one), as the interrupted run did."""
+        self._restored = batch
+
+    def portable(self, limit_bytes: int | None = None) -> Any:
+        """A CPU copy of the probe to keep in a checkpoint, or ``None``: only batches of plain
+        tensors, tuples, lists and dicts (what ``torch.load(weights_only=True)`` reads back)
+        of at most ``limit_bytes``, and never the batch the user gave (they give it again)."""
+        if self._batch is None or self._given is not None or not _plain(self._batch):
+            return None
+        limit = PORTABLE_PROBE_BYTES if limit_bytes is None else limit_bytes
+        if sum(t.numel() * t.element_size() for _, t in tensors_in(self._batch)) > limit:
+            return None
+        return move_data_to_device(copy_batch(self._batch), "cpu")
+
     def reset(self) -> None:
-        """Forget a captured batch (a new fit takes a new one); a given batch stays."""
-        self._batch, self.origin = None, None
+        """Forget a captured or restored batch (a new fit takes a new one); a given batch stays."""
+        self._batch, self.origin, self._restored = None, None, None
+
+
+def _plain(value: Any) -> bool:
+    if isinstance(value, Tensor):
+        return True
+    if type(value) in (tuple, list):
+        return all(_plain(v) for v in value)
+    if type(value) is dict:
+        return all(isinstance(k, (str, int)) and _plain(v) for k, v in value.items())
+    return value is None or type(value) in (int, float, bool, str)
+
+
+def fingerprint(batch: Any) -> dict[str, Any]:
+    """What tells one probe batch from another across a checkpoint: its tensors' shapes and
+    their sums and sums of squares (one host transfer)."""
+    tensors = [t.detach() for _, t in tensors_in(batch)]
+    sums = [torch.stack([t.float().sum(), t.float().square().sum()]).cpu() for t in tensors]
+    return {
+        "shapes": [list(t.shape) for t in tensors],
+        "sums": torch.cat(sums).tolist() if sums else [],
+    }
+
+
+def same_fingerprint(a: Any, b: Any) -> bool:
+    if not isinstance(a, Mapping) or not isinstance(b, Mapping) or a.get("shapes") != b.get("shapes"):
+        return False
+    x, y = a.get("sums") or [], b.get("sums") or []
+    return len(x) == len(y) and all(abs(u - v) <= 1e-5 * max(abs(u), abs(v)) + 1e-6 for u, v in zip(x, y))
 
 
 def _fitting(trainer: Any) -> bool:
@@ -206,6 +262,15 @@ class ProbeSchedule:
 
     def reset(self) -> None:
         self.last_step, self._boundary = None, -1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"last_step": self.last_step, "boundary": self._boundary}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue a checkpointed run's schedule (``last_step`` ``None``: start afresh)."""
+        last = state.get("last_step")
+        self.last_step = None if last is None else int(last)
+        self._boundary = int(state.get("boundary", -1))
 
     def spaced(self, trainer: Any) -> bool:
         """At least half an interval since the last probe: an extra probe (after validation)
@@ -345,10 +410,12 @@ __all__ = [
     "DefaultPrediction",
     "model_unreachable",
     "default_target",
+    "fingerprint",
     "fitting",
     "predict_probe",
     "prediction_in",
     "probing",
     "public_attributes_preserved",
+    "same_fingerprint",
     "shares_memory",
 ]

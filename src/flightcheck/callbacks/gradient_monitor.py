@@ -291,6 +291,16 @@ class GradientMonitor(FlightcheckCallback):
             for i, name in enumerate(lay.names):
                 had = 0.0 if id(lay.params[i]) in self._no_grad_yet else 1.0
                 per_param[name] = [*stats[i], had]
+        pending = None
+        if lay is not None and lay.params and self._meta:
+            # rows of steps not judged yet (a checkpoint between two logging steps): a resumed
+            # run judges them as the uninterrupted run would have (checkpoint time only)
+            pending = {
+                "names": list(lay.names),
+                "row_len": lay.row_len,
+                "rows": self._ring[: len(self._meta)].tolist(),
+                "meta": [[step, list(lrs), list(stepped)] for step, lrs, stepped in self._meta],
+            }
         return {
             "steps_with_grads": self._steps_with_grads,
             "history": {k: list(v) for k, v in self._history.items()},
@@ -301,6 +311,16 @@ class GradientMonitor(FlightcheckCallback):
             "weights": list(self._weights),
             "raised": [[c, s, t] for (c, s), t in self._raised.items()],
             "per_param": per_param,
+            "clear_count": [[c, s, n] for (c, s), n in self._clear_count.items()],
+            # per-layer windows, valid for the same layers only
+            **({
+                "layers": list(lay.layers),
+                "layer_rms": [[float(v) for v in a] for a in self._layer_rms],
+                "layer_weights": [[float(v) for v in a] for a in self._layer_weights],
+                "pending": pending,
+            } if lay is not None else {  # restored but not taken up yet: keep it as it came
+                k: self._pending_state.get(k) for k in ("layers", "layer_rms", "layer_weights", "pending")
+            }),
         }
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
@@ -315,7 +335,14 @@ class GradientMonitor(FlightcheckCallback):
         self._early = {k: list(v) for k, v in state.get("early", {}).items()}
         self._weights.extend(state.get("weights", []))
         self._raised = {(c, s): t for c, s, t in state.get("raised", [])}
-        self._pending_state = {"per_param": dict(state.get("per_param", {}))}
+        self._clear_count = {(c, s): int(n) for c, s, n in state.get("clear_count", [])}
+        self._pending_state = {
+            "per_param": dict(state.get("per_param", {})),
+            "layers": state.get("layers"),
+            "layer_rms": state.get("layer_rms", []),
+            "layer_weights": state.get("layer_weights", []),
+            "pending": state.get("pending"),
+        }
         self._layout = None
 
     # ------------------------------------------------------------------ layout
@@ -328,7 +355,22 @@ class GradientMonitor(FlightcheckCallback):
             self._layout = lay
             self._reset_device_state(lay, capacity)
             self._restore_per_param(lay)
+            self._restore_windows(lay)
         return self._layout
+
+    def _restore_windows(self, lay: _Layout) -> None:
+        """Per-layer windows and unjudged rows saved in a checkpoint, when the layout is the same."""
+        state, self._pending_state = self._pending_state, {}
+        if state.get("layers") == list(lay.layers):
+            self._layer_rms.extend(np.array(a, dtype=np.float64) for a in state.get("layer_rms") or [])
+            self._layer_weights.extend(np.array(a, dtype=np.float64) for a in state.get("layer_weights") or [])
+        pending = state.get("pending")
+        if (pending and pending.get("names") == lay.names and pending.get("row_len") == lay.row_len
+                and 0 < len(pending["rows"]) <= self._ring.shape[0]):
+            rows = pending["rows"]
+            self._ring[: len(rows)].copy_(torch.tensor(rows, dtype=self._ring.dtype))
+            self._meta = [(int(step), [float(v) for v in lrs], [int(k) for k in stepped])
+                          for step, lrs, stepped in pending["meta"]]
 
     def _restore_per_param(self, lay: _Layout) -> None:
         saved = self._pending_state.pop("per_param", {})

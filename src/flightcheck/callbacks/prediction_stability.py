@@ -11,6 +11,7 @@ stagnated.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -27,10 +28,12 @@ from flightcheck.callbacks._probe import (
     default_inputs,
     DefaultPrediction,
     default_target,
+    fingerprint,
     fitting,
     model_unreachable,
     predict_probe,
     probing,
+    same_fingerprint,
 )
 from flightcheck.callbacks.base import FlightcheckCallback, OnFinding
 from flightcheck.checks.predictions import (
@@ -179,6 +182,7 @@ class PredictionStability(FlightcheckCallback):
         self.patience = patience
         self.readings: list[ProbeReading] = []
         self.initial_loss: float | None = None
+        self._resume: dict[str, Any] | None = None  # a checkpoint's probe series, until taken up
         self._fresh_probe()
 
     def _fresh_probe(self) -> None:
@@ -200,6 +204,7 @@ class PredictionStability(FlightcheckCallback):
         self._initial_sum: Tensor | None = None
         self._initial_steps = 0
         self._pending: tuple[Tensor, Tensor | None] | None = None
+        self._resumed_spec: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
@@ -216,6 +221,13 @@ class PredictionStability(FlightcheckCallback):
         self._source.offer_validation(trainer, batch, batch_idx, dataloader_idx)
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        if self._resume is not None:
+            self._restore_losses(pl_module)
+            batch = self._source.get(trainer, pl_module)
+            if batch is None:
+                return  # a probe from a training batch: its first probe decides, on the restored schedule
+            if self._take_up_resume(trainer, pl_module, batch):
+                return  # the checkpointed run's probe series goes on: no new reference
         # the untrained model's answers, the reference, when the probe is already known (given,
         # or from the sanity check); a probe taken from the first training batch starts at the
         # first scheduled step instead, so no step outside the logging steps syncs
@@ -247,6 +259,8 @@ class PredictionStability(FlightcheckCallback):
         batch = None if self._off else self._source.get(trainer, pl_module)
         if batch is None:
             return
+        if self._resume is not None:
+            self._take_up_resume(trainer, pl_module, batch)
         with probing(pl_module):
             if self._spec is None:  # the first probe also reads how the prediction is made
                 try:
@@ -277,6 +291,8 @@ class PredictionStability(FlightcheckCallback):
             target = self.target_fn(batch)
             inputs = _inputs_or_none(batch)
             self._spec = infer_output_kind(output, target, self.task, inputs, made_by=self._made_by)
+            if self._previous is not None and self._resumed_spec != dataclasses.asdict(self._spec):
+                self._previous = self._previous_confidence = self._first = None  # read differently now
             answers = predicted_answers(output, self._spec)
             self._labels = None if target is None else target_answers(target, self._spec, answers)
             self._valid = valid_positions(self._labels, self._spec, answers)
@@ -442,10 +458,72 @@ class PredictionStability(FlightcheckCallback):
 
     # ------------------------------------------------------------------ checkpoints
     def extra_state(self) -> dict[str, Any]:
-        return {"initial_loss": self.initial_loss, "readings": [vars(r).copy() for r in self.readings]}
+        # read at checkpoint time only: the series of answers, so a resumed run goes on with it
+        batch = self._source.get_known()
+        probe = None
+        if batch is not None and self._spec is not None and self._previous is not None:
+            probe = {
+                "fingerprint": fingerprint(batch),
+                "spec": dataclasses.asdict(self._spec),
+                "previous": self._previous.detach().cpu(),
+                "previous_confidence": None if self._previous_confidence is None
+                else self._previous_confidence.detach().cpu(),
+                "first": None if self._first is None else self._first.detach().cpu(),
+                "peak_spread": self._peak_spread,
+                "batch": self._source.portable(),
+            }
+        elif self._resume is not None:
+            probe = self._resume.get("probe")  # restored, not taken up yet: keep it as it came
+        return {
+            "initial_loss": self.initial_loss,
+            "readings": [vars(r).copy() for r in self.readings],
+            "schedule": self._schedule.state_dict(),
+            "loss_sum": None if self._loss_sum is None else float(self._loss_sum),
+            "loss_steps": self._loss_steps,
+            "initial_sum": None if self._initial_sum is None else float(self._initial_sum),
+            "initial_steps": self._initial_steps,
+            "probe": probe,
+        }
+
+    def _restore_losses(self, pl_module: Any) -> None:
+        state = self._resume or {}
+        device = getattr(pl_module, "device", None)
+        if state.get("loss_sum") is not None:
+            self._loss_sum = torch.tensor(float(state["loss_sum"]), device=device)
+            self._loss_steps = int(state.get("loss_steps", 0))
+        if state.get("initial_sum") is not None and self.initial_loss is None:
+            self._initial_sum = torch.tensor(float(state["initial_sum"]), device=device)
+            self._initial_steps = int(state.get("initial_steps", 0))
+
+    def _take_up_resume(self, trainer: Any, pl_module: Any, batch: Any) -> bool:
+        """Go on with the checkpoint's answers when the probe is the same batch; every rank
+        decides alike (a rank that probes while another does not would hang a collective)."""
+        state, self._resume = self._resume or {}, None
+        probe = state.get("probe")
+        same = probe is not None and same_fingerprint(probe.get("fingerprint"), fingerprint(batch))
+        if int(getattr(trainer, "world_size", 1) or 1) > 1:
+            same = bool(trainer.strategy.reduce_boolean_decision(same, all=True))
+        if not same:
+            return False
+        device = getattr(pl_module, "device", None)
+
+        def back(t: Any) -> Tensor | None:
+            return t.to(device) if isinstance(t, Tensor) else None
+
+        self._previous, self._first = back(probe.get("previous")), back(probe.get("first"))
+        self._previous_confidence = back(probe.get("previous_confidence"))
+        self._peak_spread = float(probe.get("peak_spread", 0.0))
+        self._resumed_spec = dict(probe.get("spec") or {})
+        return True
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         self.initial_loss = state.get("initial_loss")
+        if state.get("schedule"):
+            self._schedule.load_state_dict(state["schedule"])
+        probe = state.get("probe") or {}
+        if probe.get("batch") is not None:
+            self._source.restore(probe["batch"])
+        self._resume = dict(state)
         readings = []
         for d in state.get("readings", []):
             d = dict(d)
