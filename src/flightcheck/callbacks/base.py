@@ -5,6 +5,14 @@ judged to :meth:`FlightcheckCallback.report`. Every Lightning hook a subclass de
 wrapped so that an internal failure becomes one ``internal_error`` finding and the callback
 steps aside: a monitor must never be the reason a user's run dies. Only
 :class:`FlightcheckError` (an explicit ``raise`` action, a failed pre-flight) propagates.
+
+Distributed runs: a callback whose hooks take collectives (an agreement between ranks, a
+reduction) must not step aside on one rank only, or the other ranks wait forever in the
+next collective. Such a callback takes its collectives after :meth:`FlightcheckCallback.agree`
+(one small collective that also carries "my copy failed") and says in
+:meth:`FlightcheckCallback.collective_due` which hook calls agree. A rank whose copy failed
+keeps answering those agreements (with "failed") until the others have heard it; then every
+rank steps aside together, and rank 0 reports the failure.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ from flightcheck.errors import FlightcheckError
 from flightcheck.findings import INTERNAL_ERROR, Finding, Severity
 from flightcheck.reporting.dedup import Deduplicator
 from flightcheck.reporting.hub import ReportHub, attach_hub, detach_hub, hub_for
+from flightcheck.utils.distributed import Agreement, agree, world_size
 
 log = logging.getLogger("flightcheck")
 
@@ -33,17 +42,45 @@ _HOOK_NAMES = frozenset(
 ) | {"setup", "teardown"}
 
 
+#: flags one :meth:`FlightcheckCallback.agree` carries (besides "failed")
+AGREEMENT_FLAGS = 4
+
+
+class PeerFailed(Exception):
+    """Raised by :meth:`FlightcheckCallback.agree` on the healthy ranks when this callback
+    failed on another rank: every rank then steps aside together."""
+
+    def __init__(self, agreement: Agreement) -> None:
+        self.who = agreement.who(-1)
+        super().__init__(f"failed on {self.who}")
+
+
 def _guard(hook: Callable[..., Any]) -> Callable[..., Any]:
+    name = hook.__name__
+
     @functools.wraps(hook)
     def guarded(self: FlightcheckCallback, *args: Any, **kwargs: Any) -> Any:
-        if self._failed and hook.__name__ not in ("teardown",):
+        trainer = args[0] if args else None
+        if self._failed and name != "teardown":
+            if self._owes_agreement:
+                self._settle(name, trainer)
             return None
+        ahead, self._agreements_taken = 0, 0
         try:
+            ahead = self._collectives_ahead(name, trainer)
             return hook(self, *args, **kwargs)
         except FlightcheckError:
             raise
+        except PeerFailed as peers:
+            self._step_aside(name, peers, trainer, peers=peers.who)
+            return None
         except Exception as err:  # noqa: BLE001 - fault isolation is the point
-            self._step_aside(hook.__name__, err, args[0] if args else None)
+            self._step_aside(name, err, trainer)
+            if ahead > self._agreements_taken:
+                self._owes_agreement = True
+                self._settle(name, trainer, now=True)  # the other ranks wait in this call's agreement
+            elif self._has_collectives and world_size(trainer) > 1:
+                self._owes_agreement = True  # answer the next agreement the others take
             return None
 
     guarded.__flightcheck_guarded__ = True  # type: ignore[attr-defined]
@@ -60,9 +97,12 @@ class FlightcheckCallback(Callback):
 
     #: the ``source`` of this callback's findings
     name: str = "flightcheck"
+    #: whether the class overrides :meth:`collective_due` (its hooks take collectives)
+    _has_collectives: bool = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        cls._has_collectives = cls.collective_due is not FlightcheckCallback.collective_due
         for attr, value in list(vars(cls).items()):
             if attr in _HOOK_NAMES and callable(value) and not getattr(value, "__flightcheck_guarded__", False):
                 setattr(cls, attr, _guard(value))
@@ -74,6 +114,8 @@ class FlightcheckCallback(Callback):
         self.findings: list[Finding] = []
         self._dedup = Deduplicator()
         self._failed = False
+        self._owes_agreement = False
+        self._agreements_taken = 0
         self._hub: ReportHub | None = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -150,27 +192,77 @@ class FlightcheckCallback(Callback):
         """Say a problem cleared, so that it is reported again if it comes back."""
         return self._dedup.clear(check, target)
 
-    def _step_aside(self, hook: str, err: BaseException, trainer: Any) -> None:
+    def _step_aside(self, hook: str, err: BaseException, trainer: Any, peers: str | None = None) -> None:
         self._failed = True
         tb = "".join(traceback.format_exception(type(err), err, err.__traceback__, limit=-3))
         trainer = trainer if hasattr(trainer, "global_step") else None
+        name = type(self).__name__
+        if peers is None:
+            message = (f"{name}.{hook} failed with {type(err).__name__}: {err}; "
+                       f"{name} is switched off for the rest of this run, training continues.")
+            data = {"hook": hook, "error": repr(err), "traceback": tb}
+        else:
+            message = (f"{name} failed on {peers} (see that rank's log for the traceback); {name} is switched "
+                       "off on every rank for the rest of this run, training continues.")
+            data = {"hook": hook, "error": f"failed on {peers}"}
         finding = Finding(
             check=INTERNAL_ERROR,
             severity=Severity.WARNING,
-            message=f"{type(self).__name__}.{hook} failed with {type(err).__name__}: {err}; "
-            f"{type(self).__name__} is switched off for the rest of this run, training continues.",
+            message=message,
             causes=("a case this check does not handle (an unusual model, batch or strategy)",),
             advice=("please report it with the traceback in this finding's data",),
             step=int(getattr(trainer, "global_step", 0)) if trainer is not None else 0,
             epoch=int(getattr(trainer, "current_epoch", 0)) if trainer is not None else 0,
             source=self.name,
-            data={"hook": hook, "error": repr(err), "traceback": tb},
-            target=f"{type(self).__name__}.{hook}",
+            data=data,
+            target=f"{name}.{hook}",
         )
         try:
             self.publish(trainer, finding)
         except Exception:  # noqa: BLE001 - even reporting failed: say it on the console only
             log.warning("flightcheck: %s", finding.message)
+        if peers is None and trainer is not None and world_size(trainer) > 1:
+            # only rank 0 writes findings: the traceback of another rank goes to its console
+            log.warning("flightcheck (rank %s): %s\n%s", getattr(trainer, "global_rank", "?"), message, tb)
+
+    # ------------------------------------------------------------------ agreement between ranks
+    def collective_due(self, hook: str, trainer: Any) -> int:
+        """How many :meth:`agree` calls this call of ``hook`` takes on a healthy rank.
+
+        A subclass whose hooks take collectives overrides it (and then takes every collective
+        of such a call after its first :meth:`agree`). It is asked before each call of a hook
+        and, once the callback failed on this rank, instead of running the hook; it must
+        answer the same on every rank, without a collective.
+        """
+        return 0
+
+    def agree(self, trainer: Any, *flags: bool) -> Agreement:
+        """``flags`` summed over the ranks, in one collective that also carries whether this
+        callback failed on some rank; raises :class:`PeerFailed` on the healthy ranks then."""
+        if len(flags) > AGREEMENT_FLAGS:
+            raise ValueError(f"agree() takes at most {AGREEMENT_FLAGS} flags, got {len(flags)}")
+        self._agreements_taken += 1
+        # a fixed length: a failed rank answers with no flags of its own, and the vectors must match
+        padded = [*flags] + [False] * (AGREEMENT_FLAGS - len(flags))
+        agreement = agree(trainer, [*padded, self._failed])
+        if agreement[-1] and not self._failed:
+            raise PeerFailed(agreement)
+        return agreement
+
+    def _collectives_ahead(self, hook: str, trainer: Any) -> int:
+        if not self._has_collectives or world_size(trainer) <= 1:
+            return 0
+        return self.collective_due(hook, trainer)
+
+    def _settle(self, hook: str, trainer: Any, now: bool = False) -> None:
+        """On a rank whose copy failed: answer the agreement the other ranks take in this call."""
+        if not now and self._collectives_ahead(hook, trainer) <= 0:
+            return
+        self._owes_agreement = False
+        try:
+            self.agree(trainer)
+        except Exception as err:  # noqa: BLE001 - the collective itself broke: nothing left to save
+            log.warning("flightcheck: %s could not tell the other ranks it stepped aside: %r", type(self).__name__, err)
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:

@@ -90,6 +90,7 @@ from flightcheck.findings import Finding
 from flightcheck.signals.norms import foreach_norms, step_grad_norms
 from flightcheck.utils import modes_preserved, preserved_rng, tensors_in
 from flightcheck.utils.batch import step_loss
+from flightcheck.utils.distributed import world_size
 
 ACTIONS = ("warn", "skip", "stop", "raise")
 _SYNCED_ACTIONS = ("skip", "stop", "raise")
@@ -180,8 +181,13 @@ class NonFiniteGuard(FlightcheckCallback):
         self._grad_streams: set[int] = set()
         self._norm_overflows: set[int] = set()
         self._grad_history: list[tuple[int, float]] = []
+        self._remote_loss: str | None = None  # "rank 1": the rank whose loss went non-finite, not this one
 
     # ------------------------------------------------------------------ hooks
+    def collective_due(self, hook: str, trainer: Any) -> int:
+        # The acting modes agree once per optimizer step and once at each epoch end.
+        return int(self._synced and hook in ("on_before_optimizer_step", "on_train_epoch_end"))
+
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         self._reset_run_state()
         self._scale = _LossScaleWatch()
@@ -250,12 +256,14 @@ class NonFiniteGuard(FlightcheckCallback):
             self._scale.record_scale(scaler)
         if self._checkpoint_due is not None:
             path, self._checkpoint_due = self._checkpoint_due, None
-            trainer.save_checkpoint(path)
+            _save_checkpoint(trainer, path)
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         look = self._look(trainer, pl_module, pre_step=False, acting=self._synced)
-        if self._synced and look.actionable:
-            self._act(trainer, None, look)
+        if self._synced:
+            agreed = self.agree(trainer, look.actionable)  # every rank acts, or none
+            if agreed[0]:
+                self._act_on(trainer, pl_module, None, look if look.actionable else None, pre_step=False)
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         self._look(trainer, pl_module, pre_step=False, acting=False)
@@ -300,13 +308,39 @@ class NonFiniteGuard(FlightcheckCallback):
             bad_grads = _gradients_really_nonfinite(params, norms)
             if not bad_grads:
                 self._norm_overflows.add(self._batch_step)  # an explosion, for GradientMonitor
-        bad = bool(trainer.strategy.reduce_boolean_decision(bad_loss or bad_grads, all=False))
-        if bad:
-            self._act(trainer, optimizer, self._look(trainer, pl_module, pre_step=True, acting=True, forced=True))
-        elif logging_due(trainer):
+        look = None
+        if not (bad_loss or bad_grads) and logging_due(trainer):
             look = self._look(trainer, pl_module, pre_step=True, acting=True)
-            if look.actionable:
-                self._act(trainer, optimizer, look)
+        # One agreement per optimizer step: every rank skips, stops or raises together.
+        agreed = self.agree(trainer, bad_loss or bad_grads, look is not None and look.actionable, bad_loss)
+        if agreed[0]:
+            self._remote_loss = None if bad_loss or not agreed[2] else agreed.who(2)
+            try:
+                self._act_on(trainer, pl_module, optimizer, None, pre_step=True)
+            finally:
+                self._remote_loss = None
+        elif agreed[1]:
+            self._act_on(trainer, pl_module, optimizer, look if look is not None and look.actionable else None,
+                         pre_step=True)
+
+    def _act_on(self, trainer: Any, pl_module: Any, optimizer: Any, look: _Look | None, *, pre_step: bool) -> None:
+        """Act on a decision every rank shares. Without a ``look`` of its own (the problem was
+        seen on another rank, or the step is bad) this rank looks now; if that look fails,
+        the rank still acts (a rank that did not would hang the others), then reports the failure."""
+        if look is None:
+            try:
+                look = self._look(trainer, pl_module, pre_step=pre_step, acting=True, forced=True)
+            except Exception:
+                self._act(trainer, optimizer, self._blind_look(trainer))
+                raise
+        self._act(trainer, optimizer, look)
+
+    def _blind_look(self, trainer: Any) -> _Look:
+        look = _Look(action=self.action, actionable=True)
+        if self.action == "stop":
+            with contextlib.suppress(Exception):
+                look.checkpoint = self._plan(trainer, "stop", weights_good=True).checkpoint
+        return look
 
     def _act(self, trainer: Any, optimizer: Any, look: _Look) -> None:
         """Carry out ``look.action``; ``optimizer`` is ``None`` outside an optimizer step."""
@@ -322,7 +356,7 @@ class NonFiniteGuard(FlightcheckCallback):
         if look.action == "stop":
             trainer.should_stop = True
             if optimizer is None and look.checkpoint is not None:
-                trainer.save_checkpoint(look.checkpoint)
+                _save_checkpoint(trainer, look.checkpoint)
             else:
                 self._checkpoint_due = look.checkpoint
 
@@ -375,7 +409,12 @@ class NonFiniteGuard(FlightcheckCallback):
         else:
             # values logged after the optimizer step of a bad batch arrive one look late
             events = [e for e in events if not (e.kind == "metric" and e.step <= self._last_bad_step)]
-        if forced and not events:
+        remote = self._remote_loss if forced else None
+        if remote is not None:
+            # This rank's loss was finite, another's was not: DDP averaged its NaN/Inf into the gradients here.
+            events = [e for e in events if e.kind != "loss"]
+            events.append(NonFiniteEvent("loss", f"loss (on {remote})", self._batch_step, self._batch_idx))
+        elif forced and not events:
             # Another rank saw it (the decision is shared): say so, and act with everyone.
             events = [NonFiniteEvent("loss", "loss (on another rank)", self._batch_step, self._batch_idx)]
 
@@ -467,6 +506,8 @@ class NonFiniteGuard(FlightcheckCallback):
         if not harmful and not bad_weights:
             return Origin("logged_only", fp16=fp16), None
         now = [e for e in harmful if e.step == self._batch_step]
+        if forced and self._remote_loss is not None:
+            return Origin("other_rank", op=self._remote_loss, fp16=fp16), None
         if forced and not any(e.name != "loss (on another rank)" for e in now):
             return Origin("other_rank", fp16=fp16), None
         if pre_step and self.replay and now and self._window and not bad_weights:
@@ -757,6 +798,19 @@ class _Replayed:
 
 
 # ---------------------------------------------------------------------- reading the trainer
+def _save_checkpoint(trainer: Any, path: str) -> None:
+    """``trainer.save_checkpoint`` on every rank. Lightning writes on rank 0, then all ranks
+    meet at a barrier: a rank whose part failed (a full disk on rank 0) still meets the
+    others there before the error goes on, so they do not wait for it forever."""
+    try:
+        trainer.save_checkpoint(path)
+    except Exception:
+        if world_size(trainer) > 1:
+            with contextlib.suppress(Exception):
+                trainer.strategy.barrier("Trainer.save_checkpoint")
+        raise
+
+
 def _loss_scaler(trainer: Any) -> Any:
     """The enabled fp16 ``GradScaler`` of ``trainer.precision_plugin``, else ``None``."""
     scaler = getattr(getattr(trainer, "precision_plugin", None), "scaler", None)

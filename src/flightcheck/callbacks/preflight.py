@@ -168,10 +168,12 @@ class Preflight(FlightcheckCallback):
         return [n for n in names if n not in self.skip]
 
     # ------------------------------------------------------------------ the hook
+    def collective_due(self, hook: str, trainer: Any) -> int:
+        # every rank agrees on the verdict once, at the end of a pre-flight that runs
+        return int(hook == "on_fit_start" and not (_resumed(trainer) and not self.run_on_resume))
+
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
-        resumed = "resuming from a checkpoint" if getattr(trainer, "ckpt_path", None) else None
-        if not resumed and int(getattr(trainer, "global_step", 0) or 0) > 0:
-            resumed = f"the model already trained for {trainer.global_step} steps"
+        resumed = _resumed(trainer)
         if resumed and not self.run_on_resume:
             self.last_report = PreflightReport(skipped=f"{resumed} (pass run_on_resume=True to check anyway)")
             if getattr(trainer, "is_global_zero", True):
@@ -182,7 +184,7 @@ class Preflight(FlightcheckCallback):
         self._publish(trainer, report)
         failed = report.failed
         if int(getattr(trainer, "world_size", 1) or 1) > 1:
-            failed = bool(trainer.strategy.reduce_boolean_decision(failed, all=False))
+            failed = self.agree(trainer, failed)[0]  # also hears whether the pre-flight broke on a rank
         if failed and self.on_fail == "raise":
             names = ", ".join(r.check for r in report.failures) or "a check on another rank"
             raise PreflightError(
@@ -231,6 +233,14 @@ class Preflight(FlightcheckCallback):
     # ------------------------------------------------------------------ checkpoints
     def extra_state(self) -> dict[str, Any]:
         return {"report": self.last_report.to_dict() if self.last_report is not None else None}
+
+
+def _resumed(trainer: Any) -> str | None:
+    if getattr(trainer, "ckpt_path", None):
+        return "resuming from a checkpoint"
+    if int(getattr(trainer, "global_step", 0) or 0) > 0:
+        return f"the model already trained for {trainer.global_step} steps"
+    return None
 
 
 __all__ = ["Preflight"]

@@ -486,6 +486,10 @@ def nonfinite_verdict(
         )
     elif origin.kind == "logged_only":
         where = " The loss and gradients stayed finite: only the logged value is non-finite, training is not harmed."
+    elif origin.kind == "other_rank" and origin.op:
+        where = (f" The loss went non-finite on {origin.op}, not on this rank; DDP averages gradients over the "
+                 "ranks, so every rank's gradients were non-finite.") if grads else \
+            f" The loss went non-finite on {origin.op}; this rank's loss and gradients were finite."
     elif origin.kind == "other_rank":
         where = " Another process saw it; this rank's loss and gradients were finite."
     elif origin.kind == "not_reproduced":

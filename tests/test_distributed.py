@@ -1,0 +1,321 @@
+"""flightcheck under DDP: two CPU processes (gloo, forked), as a user would run them.
+
+Each run happens in a watchdog process with a time limit, so a hang fails the test instead
+of freezing the suite; the gloo timeout is short too, so a collective that one rank never
+joins raises instead of waiting for half an hour. Every rank writes what its callbacks saw
+to a JSON file; the tests compare the ranks.
+"""
+
+from __future__ import annotations
+
+import datetime
+import glob
+import hashlib
+import json
+import math
+import multiprocessing
+import os
+import signal
+import time
+import traceback
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.strategies import DDPStrategy
+from torch import nn
+
+import flightcheck
+from flightcheck.callbacks.base import FlightcheckCallback
+from flightcheck.callbacks.gradient_monitor import GradientMonitor
+from flightcheck.callbacks.nonfinite_guard import NonFiniteGuard
+from flightcheck.callbacks.preflight import Preflight
+from tests.conftest import TinyClassifier, cluster_data, loader, make_trainer
+
+pytestmark = pytest.mark.skipif(
+    not hasattr(os, "fork") or not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+    reason="needs os.fork and torch.distributed with the gloo backend",
+)
+
+#: seconds a whole two-rank run may take before it counts as a hang
+RUN_LIMIT = 120
+#: seconds a collective may wait for the other rank (gloo) before it raises
+COLLECTIVE_LIMIT = 45
+
+BAD_STEP = 2
+
+
+# ---------------------------------------------------------------------- running two ranks
+class RankRecorder(pl.Callback):
+    """Writes, per rank, the weights after every step and what each flightcheck callback saw."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+        self.launcher = os.getpid()
+        self.steps: list[list] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        weights = [p.detach().double().numpy().tobytes() for p in pl_module.parameters()]
+        finite = all(torch.isfinite(p).all() for p in pl_module.parameters())
+        self.steps.append([trainer.global_step, hashlib.sha1(b"".join(weights)).hexdigest(), bool(finite)])
+
+    def on_train_end(self, trainer, pl_module):
+        self._write(trainer, None)
+
+    def on_exception(self, trainer, pl_module, exception):
+        self._write(trainer, exception)
+
+    def _write(self, trainer, exception):
+        if os.getpid() == self.launcher:
+            return  # the process that forked the ranks, not a rank
+        callbacks = {}
+        for cb in trainer.callbacks:
+            if isinstance(cb, FlightcheckCallback):
+                callbacks[cb.name] = {
+                    "failed": cb._failed,
+                    "findings": [f.to_dict() for f in cb.findings],
+                    "skipped_steps": getattr(cb, "skipped_steps", None),
+                    "state": cb.state_dict()["state"] if isinstance(cb, GradientMonitor) else None,
+                }
+        record = {
+            "rank": trainer.global_rank,
+            "global_step": trainer.global_step,
+            "should_stop": trainer.should_stop,
+            "error": None if exception is None else f"{type(exception).__name__}: {exception}",
+            "steps": self.steps,
+            "callbacks": callbacks,
+        }
+        with open(os.path.join(self.folder, f"rank{trainer.global_rank}.json"), "w") as f:
+            json.dump(record, f, default=str)
+
+
+def run_two_ranks(tmp_path, model, callbacks, *, max_steps=6, batch_size=16, **trainer_kwargs):
+    """Fit ``model`` on two forked CPU ranks; returns ``(error, [rank 0 record, rank 1 record])``.
+
+    The fit runs in a child process in its own process group, so that a hang (in either rank)
+    is ended by killing that group and reported as a failure.
+    """
+    folder = str(tmp_path)
+    data = loader(*cluster_data(n=128), batch_size=batch_size, shuffle=False)
+
+    def fit() -> None:
+        os.setsid()
+        code = 0
+        try:
+            strategy = DDPStrategy(start_method="fork", timeout=datetime.timedelta(seconds=COLLECTIVE_LIMIT))
+            kwargs = dict(max_steps=max_steps, max_epochs=None, strategy=strategy, devices=2, deterministic=False)
+            kwargs.update(trainer_kwargs)
+            trainer = make_trainer(tmp_path, [*callbacks, RankRecorder(folder)], **kwargs)
+            trainer.fit(model, data)
+        except BaseException as err:  # noqa: BLE001 - handed to the test
+            with open(os.path.join(folder, "error.txt"), "w") as f:
+                f.write(f"{type(err).__name__}: {err}\n{traceback.format_exc()}")
+            code = 1
+        os._exit(code)
+
+    child = multiprocessing.get_context("fork").Process(target=fit)
+    began = time.monotonic()
+    child.start()
+    child.join(RUN_LIMIT)
+    if child.is_alive():
+        os.killpg(child.pid, signal.SIGKILL)  # the group holds the child and the two ranks it forked
+        child.join()
+        pytest.fail(f"the two-rank run did not end within {RUN_LIMIT} s: a hang")
+    elapsed = time.monotonic() - began
+    assert elapsed < COLLECTIVE_LIMIT, f"the run took {elapsed:.0f} s: a collective waited for its timeout"
+    error_file = os.path.join(folder, "error.txt")
+    error = open(error_file).read() if os.path.exists(error_file) else None
+    records = []
+    for rank in (0, 1):
+        path = os.path.join(folder, f"rank{rank}.json")
+        records.append(json.load(open(path)) if os.path.exists(path) else None)
+    return error, records
+
+
+def findings_file_lines(tmp_path) -> list[dict]:
+    """The lines of the run's one findings.jsonl (rank 0's), checked to be unique."""
+    files = glob.glob(os.path.join(str(tmp_path), "**", "findings.jsonl"), recursive=True)
+    assert len(files) == 1, files
+    lines = open(files[0]).read().splitlines()
+    assert len(lines) == len(set(lines)), "a finding was written twice"
+    return [json.loads(line) for line in lines]
+
+
+def of(record, source, check=None):
+    findings = record["callbacks"][source]["findings"]
+    return [f for f in findings if check is None or f["check"] == check]
+
+
+def weights_after(record, step):
+    """The weights' hash after the optimizer step of ``step`` (the step counter has moved on)."""
+    return {s: h for s, h, _ in record["steps"]}[step + 1]
+
+
+# ---------------------------------------------------------------------- models
+class NaNOnRank1(TinyClassifier):
+    """Its loss turns NaN on global rank 1 only, at one step."""
+
+    def __init__(self, at_step: int = BAD_STEP, **kwargs):
+        super().__init__(**kwargs)
+        self.at_step = at_step
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        if self.global_rank == 1 and self.global_step == self.at_step:
+            loss = loss * float("nan")
+        return loss
+
+
+class ZeroGradientParameter(TinyClassifier):
+    """A trainable parameter multiplied by zero: its gradient is exactly zero on every step."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.unused = nn.Parameter(torch.ones(4))
+
+    def training_step(self, batch, batch_idx):
+        return super().training_step(batch, batch_idx) + 0.0 * self.unused.sum()
+
+
+# ---------------------------------------------------------------------- tests
+def test_default_callbacks_on_a_healthy_two_rank_run_stay_quiet_and_agree(tmp_path):
+    error, records = run_two_ranks(tmp_path, TinyClassifier(optimizer="adam", lr=1e-2),
+                                   flightcheck.default_callbacks(), max_steps=8)
+    assert error is None, error
+    assert all(r is not None and r["global_step"] == 8 for r in records)
+    for record in records:
+        loud = [f["message"] for cb in record["callbacks"].values() for f in cb["findings"] if f["severity"] != "info"]
+        assert loud == [], f"rank {record['rank']}: {loud}"
+        assert not any(cb["failed"] for cb in record["callbacks"].values())
+    # the ranks trained in step and the pre-flight left both at the same weights
+    assert records[0]["steps"] == records[1]["steps"]
+    reports = glob.glob(os.path.join(str(tmp_path), "**", "preflight_report.json"), recursive=True)
+    assert len(reports) == 1, reports  # rank 0 writes, once
+    assert not glob.glob(os.path.join(str(tmp_path), "**", "findings.jsonl"), recursive=True) or all(
+        f["severity"] == "info" for f in findings_file_lines(tmp_path))
+
+
+def test_a_nan_on_one_rank_stops_both_ranks_and_is_written_once(tmp_path):
+    error, records = run_two_ranks(tmp_path, NaNOnRank1(), [NonFiniteGuard(action="stop")], max_steps=8)
+    assert error is None, error
+    for record in records:
+        assert record["global_step"] == BAD_STEP + 1 and record["should_stop"], record["rank"]
+        assert weights_after(record, BAD_STEP) == weights_after(record, BAD_STEP - 1)  # the bad update not applied
+        assert all(finite for _, _, finite in record["steps"])
+        assert len(of(record, "nonfinite_guard", "nonfinite")) == 1
+    assert records[0]["steps"] == records[1]["steps"]
+    lines = findings_file_lines(tmp_path)
+    assert [f["check"] for f in lines] == ["nonfinite"]
+    finding = lines[0]
+    assert finding["step"] == BAD_STEP and finding["data"]["action"] == "stop"
+    assert "rank 1" in finding["message"], finding["message"]  # rank 0 writes, and names the rank that saw it
+    checkpoint = finding["data"]["checkpoint"]
+    state = torch.load(checkpoint, weights_only=False)["state_dict"]
+    assert all(torch.isfinite(v).all() for v in state.values())
+
+
+def test_a_nan_on_one_rank_is_skipped_on_both_ranks(tmp_path):
+    error, records = run_two_ranks(tmp_path, NaNOnRank1(), [NonFiniteGuard(action="skip")], max_steps=6)
+    assert error is None, error
+    for record in records:
+        assert record["global_step"] == 6 and not record["should_stop"]
+        assert record["callbacks"]["nonfinite_guard"]["skipped_steps"] == 1
+        assert weights_after(record, BAD_STEP) == weights_after(record, BAD_STEP - 1)
+        assert weights_after(record, BAD_STEP + 1) != weights_after(record, BAD_STEP)  # training went on
+        assert all(finite for _, _, finite in record["steps"])
+    assert records[0]["steps"] == records[1]["steps"]
+
+
+class _MarksItsAction(NonFiniteGuard):
+    """Leaves a file per rank the moment the ranks have agreed to act (the raise ends the rank
+    before any callback hook could write)."""
+
+    def __init__(self, folder, **kwargs):
+        super().__init__(**kwargs)
+        self.folder = folder
+
+    def _act_on(self, trainer, pl_module, optimizer, look, **kwargs):
+        with open(os.path.join(self.folder, f"acted{trainer.global_rank}.txt"), "w") as f:
+            f.write(f"{self.action} at step {trainer.global_step}")
+        return super()._act_on(trainer, pl_module, optimizer, look, **kwargs)
+
+
+def test_a_nan_on_one_rank_raises_on_both_ranks_without_a_hang(tmp_path):
+    guard = _MarksItsAction(str(tmp_path), action="raise")
+    error, _ = run_two_ranks(tmp_path, NaNOnRank1(), [guard], max_steps=6)
+    assert error is not None and "NonFiniteError" in error and "Non-finite values at step 2" in error, error
+    for rank in (0, 1):  # both ranks took the decision (the launcher ends a rank once the other raised)
+        assert open(os.path.join(str(tmp_path), f"acted{rank}.txt")).read() == f"raise at step {BAD_STEP}"
+
+
+class _BrokenOnRank1(NonFiniteGuard):
+    """A guard whose internals fail on rank 1 only, at one step, at a chosen point."""
+
+    def __init__(self, where: str, **kwargs):
+        super().__init__(**kwargs)
+        self.where = where
+
+    def _maybe_fail(self, trainer, where):
+        if self.where == where and trainer.global_rank == 1 and trainer.global_step == BAD_STEP:
+            raise RuntimeError(f"injected failure in {where}")
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._maybe_fail(trainer, "on_train_batch_start")  # a hook that takes no collective
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+
+    def _decide(self, trainer, pl_module, optimizer, *args):
+        self._maybe_fail(trainer, "before_agreement")  # inside the hook that agrees, before it does
+        super()._decide(trainer, pl_module, optimizer, *args)
+
+    def _look(self, trainer, pl_module, **kwargs):
+        if kwargs.get("forced"):
+            self._maybe_fail(trainer, "after_agreement")  # the ranks agreed to skip; rank 1 then fails
+        return super()._look(trainer, pl_module, **kwargs)
+
+
+@pytest.mark.parametrize("where", ["on_train_batch_start", "before_agreement", "after_agreement"])
+def test_a_guard_failing_on_one_rank_steps_aside_on_both_without_a_hang(tmp_path, where):
+    model = NaNOnRank1() if where == "after_agreement" else TinyClassifier()
+    error, records = run_two_ranks(tmp_path, model, [_BrokenOnRank1(where, action="skip")], max_steps=6)
+    assert error is None, error
+    for record in records:
+        assert record["global_step"] == 6, record["rank"]  # the user's training completed on both ranks
+        assert record["callbacks"]["nonfinite_guard"]["failed"], record["rank"]  # and the guard is off on both
+        assert all(finite for _, _, finite in record["steps"])
+    assert records[0]["steps"] == records[1]["steps"]
+    if where == "after_agreement":  # both ranks still skipped the update they had agreed to skip
+        assert all(weights_after(r, BAD_STEP) == weights_after(r, BAD_STEP - 1) for r in records)
+    own = of(records[1], "nonfinite_guard", "internal_error")
+    assert len(own) == 1 and "injected failure" in own[0]["message"]
+    lines = [f for f in findings_file_lines(tmp_path) if f["check"] == "internal_error"]
+    assert len(lines) == 1 and "rank 1" in lines[0]["message"], lines  # reported by rank 0, once
+
+
+class _PublishFailsOnRank0(Preflight):
+    def _publish(self, trainer, report):
+        if trainer.global_rank == 0:
+            raise OSError("injected: no space left on device")
+        super()._publish(trainer, report)
+
+
+def test_a_preflight_failing_on_rank_0_before_the_agreement_does_not_hang_rank_1(tmp_path):
+    error, records = run_two_ranks(tmp_path, TinyClassifier(optimizer="adam", lr=1e-2),
+                                   [_PublishFailsOnRank0()], max_steps=2)
+    assert error is None, error
+    assert all(r["global_step"] == 2 and r["callbacks"]["preflight"]["failed"] for r in records)
+    assert "no space left" in of(records[0], "preflight", "internal_error")[0]["message"]
+    assert "rank 0" in of(records[1], "preflight", "internal_error")[0]["message"]
+
+
+def test_gradient_monitor_reports_a_seeded_bug_once_with_norms_equal_on_both_ranks(tmp_path):
+    error, records = run_two_ranks(tmp_path, ZeroGradientParameter(), [GradientMonitor(flow_after_steps=4)],
+                                   max_steps=6, log_every_n_steps=3)
+    assert error is None, error
+    history = [r["callbacks"]["gradient_monitor"]["state"]["history"]["total"] for r in records]
+    assert len(history[0]) == 6 and all(math.isfinite(v) for v in history[0])
+    assert history[0] == pytest.approx(history[1], rel=1e-6)  # the all-reduced gradients: same norms
+    for record in records:
+        flow = of(record, "gradient_monitor", "gradient_flow")
+        assert len(flow) == 1 and flow[0]["data"]["zero_gradient"] == {"unused": ["unused"]}
+    lines = findings_file_lines(tmp_path)
+    assert [f["check"] for f in lines] == ["gradient_flow"]  # written by rank 0 only: once, not once per rank
