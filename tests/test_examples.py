@@ -8,10 +8,14 @@ import of torch and Lightning instead of ten), and each bug is then judged from 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -37,8 +41,8 @@ GALLERY_CATCHES = {
 }
 
 
-def run_example(*args: object, cwd: Path, timeout: float = 180) -> subprocess.CompletedProcess:
-    env = dict(os.environ, FLIGHTCHECK_EXAMPLES_FAST="1")
+def run_example(*args: object, cwd: Path, timeout: float = 180, **env_vars: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, FLIGHTCHECK_EXAMPLES_FAST="1", **env_vars)
     # the examples import the same flightcheck as these tests, installed or not
     env["PYTHONPATH"] = os.pathsep.join(
         p for p in (str(Path(flightcheck.__file__).resolve().parents[1]), env.get("PYTHONPATH")) if p
@@ -100,3 +104,58 @@ def test_quickstart_healthy_run_passes_preflight_and_stays_quiet(tmp_path):
 def test_quickstart_lr_bug_is_reported(tmp_path):
     run_example(EXAMPLES / "quickstart.py", "--bug", "lr", "--epochs", "1", "--logdir", tmp_path, cwd=tmp_path)
     assert "overfit_batch" in alarms(read_findings(tmp_path / "quickstart" / "version_0"))
+
+
+@pytest.fixture
+def webhook():
+    """A local chat webhook: collects the JSON bodies posted to it."""
+    received: list[dict] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/hook", received
+    server.shutdown()
+    server.server_close()
+
+
+def load_example(name: str):
+    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_alerts_reach_the_webhook_once_per_check_and_severity(tmp_path, webhook):
+    url, received = webhook
+    proc = run_example(EXAMPLES / "alerts.py", "--logdir", tmp_path, cwd=tmp_path, FLIGHTCHECK_ALERT_WEBHOOK=url)
+    assert received, proc.stdout[-4000:]
+    assert "ALERT " not in proc.stdout  # with a webhook set, nothing falls back to printing
+    posted = [re.search(r"flightcheck (\w+): (\w+)", body["text"]).groups() for body in received]
+    assert {severity for severity, _ in posted} <= {"WARNING", "ERROR"}
+    assert len(set(posted)) == len(posted)  # a check alerts again only when it escalates
+    warned = set(alarms(read_findings(tmp_path / "alerts" / "version_0")))
+    assert {check for _, check in posted} == warned  # every check that warned reached the channel
+
+
+def test_alert_hook_skips_info_holds_back_repeats_and_sends_escalations(capsys):
+    alert = load_example("alerts").WebhookAlert(url=None)
+    for check, severity, target in [
+        ("loss_spike", "info", "train_loss"),
+        ("grad_vanishing", "warning", "net.0"),
+        ("grad_vanishing", "warning", "net.2"),  # the same problem in another layer
+        ("grad_vanishing", "error", "net.0"),  # worse
+    ]:
+        alert(flightcheck.Finding(check=check, severity=severity, message="seen", target=target))
+    assert [(f.check, f.severity.value) for f in alert.sent] == [("grad_vanishing", "warning"), ("grad_vanishing", "error")]
+    assert alert.suppressed == 1
+    assert capsys.readouterr().out.count("ALERT ") == 2
