@@ -27,6 +27,7 @@ from flightcheck.errors import PreflightError
 from flightcheck.findings import INTERNAL_ERROR, PREFLIGHT_CHECKS, Severity
 from flightcheck.preflight.battery import run_battery
 from flightcheck.preflight.context import PreflightOptions
+from flightcheck.preflight.overlap import OVERLAP_BATCHES
 from flightcheck.preflight.registry import registered
 from flightcheck.preflight.report import PreflightReport, Status
 from flightcheck.reporting.sinks import configure_console
@@ -79,6 +80,12 @@ class Preflight(FlightcheckCallback):
         snapshot: where the copy of the model and optimizer state taken before the checks is
             kept: ``"host"`` memory (default: costs no accelerator memory) or ``"device"``
             (faster to take and restore). There is never more than one copy.
+        causal: whether the model is autoregressive, for ``causal_leakage``: ``None`` (default)
+            recognises next-token batches (targets equal to the inputs shifted by one position,
+            or to the inputs themselves); ``True`` declares it (e.g. a batch of one token tensor
+            that ``training_step`` shifts itself); ``False`` switches the check off.
+        overlap_batches: how many batches' worth of samples of each split ``split_overlap``
+            hashes (at most; it also stops after 10 s per split).
         run_on_resume: also run when ``fit`` resumes from a checkpoint or continues a trainer
             that already trained (skipped by default: the model was already checked, and its
             state is no longer an initialisation).
@@ -114,6 +121,8 @@ class Preflight(FlightcheckCallback):
         target: int | str | None = None,
         snapshot: str = "host",
         run_on_resume: bool = False,
+        causal: bool | None = None,
+        overlap_batches: int = OVERLAP_BATCHES,
         on_finding: OnFinding | None = None,
     ) -> None:
         super().__init__(on_finding=on_finding)
@@ -143,6 +152,10 @@ class Preflight(FlightcheckCallback):
             )
         if snapshot not in SNAPSHOT:
             raise ValueError(f"Preflight(snapshot=...) must be one of {list(SNAPSHOT)}, got {snapshot!r}")
+        if causal is not None and not isinstance(causal, bool):
+            raise TypeError(f"Preflight(causal=...) must be None, True or False, got {causal!r}")
+        if isinstance(overlap_batches, bool) or not isinstance(overlap_batches, int) or overlap_batches < 1:
+            raise ValueError(f"Preflight(overlap_batches=...) must be an int >= 1, got {overlap_batches!r}")
         if not isinstance(run_on_resume, bool):
             raise TypeError(f"Preflight(run_on_resume=...) must be a bool, got {type(run_on_resume).__name__}")
         self.on_fail = on_fail
@@ -154,6 +167,8 @@ class Preflight(FlightcheckCallback):
             expected_init_loss=None if expected_init_loss is None else float(expected_init_loss),
             target=target,
             snapshot_on_device=snapshot == "device",
+            causal=causal,
+            overlap_batches=overlap_batches,
         )
         #: the report of the last pre-flight (``None`` before one ran)
         self.last_report: PreflightReport | None = None

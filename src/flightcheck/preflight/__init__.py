@@ -37,7 +37,7 @@ from __future__ import annotations
 import importlib
 
 #: Modules whose import registers checks, in report order within a phase.
-CHECK_MODULES: tuple[str, ...] = ("data", "loss", "gradients", "batch", "modes")
+CHECK_MODULES: tuple[str, ...] = ("data", "loss", "gradients", "batch", "modes", "leakage", "overlap")
 
 _loaded = False
 

@@ -8,6 +8,7 @@ however many checks read it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from collections.abc import Mapping
@@ -35,6 +36,8 @@ class PreflightOptions:
     expected_init_loss: float | None = None
     target: int | str | None = None
     snapshot_on_device: bool = False
+    causal: bool | None = None
+    overlap_batches: int = 1000
 
 
 class LabelOutOfRange(RuntimeError):
@@ -73,6 +76,11 @@ class PreflightContext:
     def target(self) -> Tensor | None:
         """The batch's target tensor (see ``Preflight(target=...)``), or ``None``."""
         return None if self.target_path is None else get_at(self.batch, self.target_path)
+
+    @property
+    def user_named_target(self) -> bool:
+        """Whether the user said where the target is (``Preflight(target=...)``)."""
+        return self.options.target is not None
 
     @property
     def target_name(self) -> str | None:
@@ -161,10 +169,11 @@ class PreflightContext:
         return record
 
     # ------------------------------------------------------------------ running the user's step
-    def evaluate(self, batch: Any) -> StepRecord:
+    def evaluate(self, batch: Any, within: contextlib.AbstractContextManager[Any] | None = None) -> StepRecord:
         """``training_step`` on ``batch`` (e.g. a :meth:`replaced` copy) in the current state,
-        nothing updated; raises :class:`Skip` naming the error when the step fails."""
-        record = self.runner.evaluate(batch)
+        nothing updated; raises :class:`Skip` naming the error when the step fails. ``within`` is
+        entered around the call (hooks a check installs)."""
+        record = self.runner.evaluate(batch, within=within)
         if record.error is not None:
             raise Skip(f"training_step failed on a modified batch: {record.error}")
         return record

@@ -371,9 +371,10 @@ def _logging_captured(module: nn.Module, logged: dict[str, float]) -> Iterator[N
 
 
 # --------------------------------------------------------------------------- output capture
-def primary_tensor(output: Any, batch_size: int | None) -> Tensor | None:
+def primary_tensor(output: Any, batch_size: int | None, flattened: bool = False) -> Tensor | None:
     """The tensor a loss most likely reads from a model output: ``logits`` of a dict-like output,
-    else the first floating tensor whose leading dimension is the batch size."""
+    else the first floating tensor whose leading dimension is the batch size (with ``flattened``,
+    failing that, a multiple of it: logits flattened to ``(batch * time, vocab)``)."""
     candidates: list[Tensor] = []
     if isinstance(output, Tensor):
         candidates = [output]
@@ -386,6 +387,10 @@ def primary_tensor(output: Any, batch_size: int | None) -> Tensor | None:
     for t in candidates:
         if torch.is_floating_point(t) and t.dim() >= 1 and (batch_size is None or t.shape[0] == batch_size):
             return t
+    if flattened and batch_size:
+        for t in candidates:
+            if torch.is_floating_point(t) and t.dim() == 2 and t.shape[0] % batch_size == 0 and t.shape[0] > batch_size:
+                return t
     return None
 
 
@@ -452,7 +457,7 @@ class _Capture:
 
     def _hook(self, name: str) -> Callable[..., None]:
         def hook(_module: nn.Module, _args: Any, output: Any) -> None:
-            t = primary_tensor(output, self.batch_size)
+            t = primary_tensor(output, self.batch_size, flattened=True)
             if t is not None:
                 self.producers[len(self.outputs)] = producer_of(t)
                 self.outputs.append((name, t.detach()))

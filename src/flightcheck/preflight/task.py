@@ -60,7 +60,10 @@ def is_integer(t: Tensor) -> bool:
 
 
 def align_classes(output: Tensor, target: Tensor) -> tuple[Tensor, Tensor, int] | None:
-    """``(logits (N, C), labels (N,), class_dim)`` when ``output`` has one more axis than ``target``."""
+    """``(logits (N, C), labels (N,), class_dim)`` when ``output`` has one more axis than ``target``,
+    or is ``(N, C)`` logits flattened from a ``(batch, time)`` target of ``N`` entries."""
+    if output.dim() == 2 and target.dim() >= 2 and output.shape[0] == target.numel() and output.shape[0] > target.shape[0]:
+        return output, target.reshape(-1), 1
     if output.dim() != target.dim() + 1 or output.shape[0] != (target.shape[0] if target.dim() else 1):
         return None
     if output.shape[:-1] == target.shape:

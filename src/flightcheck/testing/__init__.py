@@ -10,8 +10,11 @@ Example::
 
 from flightcheck.testing.preflight import (
     assert_batch_independent,
+    assert_causal,
     assert_gradients_flow,
     assert_init_loss,
+    assert_no_split_overlap,
+    assert_no_target_leakage,
     assert_overfits,
     run_preflight,
 )
@@ -20,8 +23,11 @@ from flightcheck.testing.syncs import SyncCounter
 __all__ = [
     "SyncCounter",
     "assert_batch_independent",
+    "assert_causal",
     "assert_gradients_flow",
     "assert_init_loss",
+    "assert_no_split_overlap",
+    "assert_no_target_leakage",
     "assert_overfits",
     "run_preflight",
 ]

@@ -152,8 +152,46 @@ def assert_batch_independent(model: Any, data: Any = None, **options: Any) -> Ch
     return _assert_passes("batch_independence", model, data, options)
 
 
+def assert_no_target_leakage(model: Any, data: Any = None, **options: Any) -> CheckRow:
+    """Assert that the model cannot read its targets: no input column is the label, and after
+    overfitting the batch, the model does much worse with the targets shuffled (it is not copying
+    them). Name the target with ``target=`` when it is not the batch's last element or a
+    ``y``/``label(s)``/``target(s)`` key."""
+    return _assert_passes("target_leakage", model, data, options)
+
+
+def assert_causal(model: Any, data: Any = None, **options: Any) -> CheckRow:
+    """Assert that an autoregressive model's output at position t depends on no input after t
+    (attention masks, recurrent directions and convolution padding are causal). The model is
+    declared autoregressive (``causal=True``), so a batch of one token tensor works too."""
+    options.setdefault("causal", True)
+    return _assert_passes("causal_leakage", model, data, options)
+
+
+def assert_no_split_overlap(
+    train: Any, val: Any, *, batches: int | None = None, target: int | str | None = None
+) -> Any:
+    """Assert that no validation sample is also a training sample (content hashes of the samples'
+    inputs) and the training data is not mostly duplicates. ``train`` and ``val`` are DataLoaders
+    or Datasets; neither is consumed. Returns the :class:`~flightcheck.preflight.overlap.OverlapResult`.
+    """
+    from flightcheck.preflight.overlap import OVERLAP_BATCHES, Unhashable, find_split_overlap, judge_split_overlap
+
+    try:
+        result = find_split_overlap(train, val, batches=batches or OVERLAP_BATCHES, target=target)
+    except Unhashable as err:
+        raise AssertionError(f"split_overlap could not be checked: {err}") from None
+    bad = [v for v in judge_split_overlap(result) if v.severity.value in ("warning", "error")]
+    if bad:
+        raise AssertionError("split_overlap: " + "\n".join(v.message for v in bad))
+    return result
+
+
 __all__ = [
     "assert_batch_independent",
+    "assert_causal",
+    "assert_no_split_overlap",
+    "assert_no_target_leakage",
     "assert_gradients_flow",
     "assert_init_loss",
     "assert_overfits",
