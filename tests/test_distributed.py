@@ -26,9 +26,11 @@ from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
 
 import flightcheck
+from flightcheck.callbacks.activation_monitor import ActivationMonitor
 from flightcheck.callbacks.base import FlightcheckCallback
 from flightcheck.callbacks.gradient_monitor import GradientMonitor
 from flightcheck.callbacks.nonfinite_guard import NonFiniteGuard
+from flightcheck.callbacks.prediction_stability import PredictionStability
 from flightcheck.callbacks.preflight import Preflight
 from tests.conftest import TinyClassifier, cluster_data, loader, make_trainer
 
@@ -305,6 +307,40 @@ def test_a_preflight_failing_on_rank_0_before_the_agreement_does_not_hang_rank_1
     assert all(r["global_step"] == 2 and r["callbacks"]["preflight"]["failed"] for r in records)
     assert "no space left" in of(records[0], "preflight", "internal_error")[0]["message"]
     assert "rank 0" in of(records[1], "preflight", "internal_error")[0]["message"]
+
+
+class _PredictionFailingOnRank1:
+    """A ``prediction_fn`` that fails on rank 1 from one step on (an out-of-memory on one GPU)."""
+
+    def __call__(self, pl_module, batch):
+        if pl_module.global_rank == 1 and pl_module.trainer.global_step >= 4:
+            raise RuntimeError("injected: out of memory on rank 1")
+        return pl_module(batch[0])
+
+
+class UnreachableOnRank1(TinyClassifier):
+    """Its forward cannot be called the default way on rank 1 outside training."""
+
+    def forward(self, x):
+        if self.global_rank == 1 and not self.training:
+            raise TypeError("forward() missing 1 required positional argument: 'mask'")
+        return super().forward(x)
+
+
+@pytest.mark.parametrize("case", ["prediction_stability", "activation_monitor", "unreachable_on_rank_1"])
+def test_a_probe_failing_on_one_rank_stops_on_both_ranks_without_a_hang(tmp_path, case):
+    if case == "unreachable_on_rank_1":  # the first probe: the callback goes off on both ranks, as information
+        model, callback = UnreachableOnRank1(), PredictionStability(every_n_steps=2)
+    elif case == "prediction_stability":  # a later probe fails: an internal error, stepped aside together
+        model, callback = TinyClassifier(), PredictionStability(every_n_steps=2, prediction_fn=_PredictionFailingOnRank1())
+    else:
+        model, callback = TinyClassifier(), ActivationMonitor(every_n_steps=2, prediction_fn=_PredictionFailingOnRank1())
+    error, records = run_two_ranks(tmp_path, model, [callback], max_steps=8)
+    assert error is None, error
+    assert all(r["global_step"] == 8 for r in records)
+    lines = findings_file_lines(tmp_path)
+    assert [f["check"] for f in lines] == ["internal_error"] and "rank 1" in lines[0]["message"], lines
+    assert lines[0]["severity"] == ("info" if case == "unreachable_on_rank_1" else "warning")
 
 
 def test_gradient_monitor_reports_a_seeded_bug_once_with_norms_equal_on_both_ranks(tmp_path):

@@ -255,6 +255,12 @@ class ProbeSchedule:
         self._boundary = boundary
         return self.spaced(trainer)
 
+    def peek(self, trainer: Any) -> bool:
+        """What :meth:`due` would answer now, without moving the schedule."""
+        if self.last_step is None:
+            return False
+        return int(trainer.global_step) // self.interval(trainer) > self._boundary and self.spaced(trainer)
+
     def mark(self, trainer: Any) -> None:
         """Record a probe at the current step."""
         self.last_step = int(trainer.global_step)

@@ -258,33 +258,46 @@ class ActivationMonitor(FlightcheckCallback):
             self._probe(trainer, pl_module)
 
     # ------------------------------------------------------------------ the probe
+    def collective_due(self, hook: str, trainer: Any) -> int:
+        # every probe agrees once, after its forward pass and before its counts are summed over ranks
+        return int(not self._off and hook == "on_train_batch_end" and self._schedule.peek(trainer))
+
     def _probe(self, trainer: Any, pl_module: Any) -> None:
-        self._schedule.mark(trainer)
-        batch = None if self._off else self._source.get(trainer, pl_module)
-        if batch is None:
+        if self._off:
             return
+        self._schedule.mark(trainer)
+        batch = self._source.get(trainer, pl_module)
+        flat, unreachable = None, None
         with probing(pl_module):
-            try:
-                with _recording(pl_module) as recorder:
-                    output = predict_probe(trainer, pl_module, batch, self.prediction_fn)
-            except Exception as err:
-                if self._reached or not isinstance(self.prediction_fn, DefaultPrediction):
-                    raise
+            if batch is not None:
+                try:
+                    with _recording(pl_module) as recorder:
+                        output = predict_probe(trainer, pl_module, batch, self.prediction_fn)
+                except Exception as err:
+                    if self._reached or not isinstance(self.prediction_fn, DefaultPrediction):
+                        raise  # an internal error (the other ranks hear it at their agreement below)
+                    unreachable = err
+                else:
+                    self._reached = True
+                    recorder.drop_output_layer(output)
+                    dead = list(recorder.dead.items())
+                    tails = [(name, counts) for name, (counts, _) in recorder.tails.items()]
+                    if dead or tails:
+                        # NaN/Inf activations are NonFiniteGuard's: such a probe is counted, then skipped
+                        bad = torch.stack(recorder.nonfinite).sum()
+                        if output.is_floating_point():
+                            bad = bad + (~torch.isfinite(output)).sum()
+                        parts = [t for _, t in dead] + [c for _, c in tails] + [bad]
+                        flat = torch.cat([p.reshape(-1).float() for p in parts])
+            # Every rank agrees here, after the failure-prone part and before the counts are
+            # summed over ranks: the ranks probe together, stay off together, or step aside together.
+            agreed = self.agree(trainer, flat is None and unreachable is None, unreachable is not None)
+            if agreed[1]:
                 self._off = True
-                model_unreachable(self, trainer, err)
+                model_unreachable(self, trainer, unreachable or RuntimeError(f"the probe failed on {agreed.who(1)}"))
                 return
-            self._reached = True
-            recorder.drop_output_layer(output)
-            dead = list(recorder.dead.items())
-            tails = [(name, counts) for name, (counts, _) in recorder.tails.items()]
-            if not dead and not tails:
+            if agreed[0] or flat is None:
                 return
-            # NaN/Inf activations are NonFiniteGuard's: such a probe is counted, then skipped
-            bad = torch.stack(recorder.nonfinite).sum()
-            if output.is_floating_point():
-                bad = bad + (~torch.isfinite(output)).sum()
-            parts = [t for _, t in dead] + [c for _, c in tails] + [bad]
-            flat = torch.cat([p.reshape(-1).float() for p in parts])
             if self._counts is None or self._counts.counts.numel() != flat.numel():
                 self._counts = SummedCounts(flat.numel()).to(flat.device)
             self._counts.update(flat)

@@ -12,6 +12,7 @@ stagnated.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -207,6 +208,18 @@ class PredictionStability(FlightcheckCallback):
         self._resumed_spec: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ hooks
+    def collective_due(self, hook: str, trainer: Any) -> int:
+        # every probe agrees once, after its forward pass and before its figures are reduced over ranks
+        if self._off:
+            return 0
+        if hook == "on_train_start":
+            return 1
+        if hook == "on_train_batch_end":
+            return int(self._schedule.peek(trainer))
+        if hook == "on_validation_end":
+            return int(fitting(trainer) and self._schedule.spaced(trainer))
+        return 0
+
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if stage == "fit":
@@ -224,10 +237,11 @@ class PredictionStability(FlightcheckCallback):
         if self._resume is not None:
             self._restore_losses(pl_module)
             batch = self._source.get(trainer, pl_module)
-            if batch is None:
-                return  # a probe from a training batch: its first probe decides, on the restored schedule
-            if self._take_up_resume(trainer, pl_module, batch):
-                return  # the checkpointed run's probe series goes on: no new reference
+            # a probe from a training batch: its first probe decides, on the restored schedule;
+            # or the checkpointed run's probe series goes on: no new reference (the ranks still agree)
+            if batch is None or self._take_up_resume(trainer, pl_module, batch):
+                self._probe(trainer, pl_module, wanted=False)
+                return
         # the untrained model's answers, the reference, when the probe is already known (given,
         # or from the sanity check); a probe taken from the first training batch starts at the
         # first scheduled step instead, so no step outside the logging steps syncs
@@ -254,29 +268,43 @@ class PredictionStability(FlightcheckCallback):
             self._probe(trainer, pl_module)
 
     # ------------------------------------------------------------------ the probe
-    def _probe(self, trainer: Any, pl_module: Any) -> None:
-        self._schedule.mark(trainer)
-        batch = None if self._off else self._source.get(trainer, pl_module)
-        if batch is None:
+    def _probe(self, trainer: Any, pl_module: Any, wanted: bool = True) -> None:
+        if self._off:
             return
-        if self._resume is not None:
-            self._take_up_resume(trainer, pl_module, batch)
+        batch = None
+        if wanted:
+            self._schedule.mark(trainer)
+            batch = self._source.get(trainer, pl_module)
+            if batch is not None and self._resume is not None:
+                self._take_up_resume(trainer, pl_module, batch)
         with probing(pl_module):
-            if self._spec is None:  # the first probe also reads how the prediction is made
+            reduce, unreachable = None, None
+            if batch is not None:
+                first = self._spec is None
                 try:
-                    with OutputOrigin() as origin:
+                    if first:  # the first probe also reads how the prediction is made
+                        with OutputOrigin() as origin:
+                            output = predict_probe(trainer, pl_module, batch, self.prediction_fn)
+                        self._made_by = origin.of(output)
+                    else:
                         output = predict_probe(trainer, pl_module, batch, self.prediction_fn)
-                    self._made_by = origin.of(output)
-                    figures = self._measure(trainer, output, batch)
+                    reduce = self._measure(trainer, output, batch)
                 except Exception as err:
-                    if not isinstance(self.prediction_fn, DefaultPrediction):
-                        raise  # the user's own prediction_fn failed: an internal error, loudly
-                    self._off, self._spec = True, None
-                    model_unreachable(self, trainer, err)
-                    return
-            else:
-                output = predict_probe(trainer, pl_module, batch, self.prediction_fn)
-                figures = self._measure(trainer, output, batch)
+                    if not first or not isinstance(self.prediction_fn, DefaultPrediction):
+                        raise  # an internal error, loudly (the other ranks hear it at their agreement)
+                    unreachable = err
+            # Every rank agrees here, after the failure-prone part and before the collectives
+            # that reduce the figures: the ranks probe together, stay off together, or step aside together.
+            agreed = self.agree(trainer, reduce is None and unreachable is None, unreachable is not None)
+            if agreed[1]:
+                self._off, self._spec = True, None
+                model_unreachable(self, trainer, unreachable or RuntimeError(f"the probe failed on {agreed.who(1)}"))
+                return
+            if agreed[0] or reduce is None:  # some rank had no probe batch: none probes this time
+                for metric in self._metrics.values():
+                    metric.reset()
+                return
+            figures = reduce()
         values = _to_host(figures)
         reading = self._reading(trainer, values)
         if reading is None:
@@ -285,8 +313,9 @@ class PredictionStability(FlightcheckCallback):
         self._log(trainer, reading)
         self._judge(trainer)
 
-    def _measure(self, trainer: Any, output: Tensor, batch: Any) -> dict[str, Tensor]:
-        """Every figure of this probe as device tensors, reduced over ranks."""
+    def _measure(self, trainer: Any, output: Tensor, batch: Any) -> Callable[[], dict[str, Tensor]]:
+        """Every figure of this probe, measured on this rank now (no collective); the function
+        returned reduces them over ranks (the probe's collectives) into device tensors."""
         if self._spec is None:
             target = self.target_fn(batch)
             inputs = _inputs_or_none(batch)
@@ -304,7 +333,8 @@ class PredictionStability(FlightcheckCallback):
             )
         regression = spec.task == "regression"
         weight = None if regression else self._valid
-        figures: dict[str, Tensor] = {}
+        means: list[tuple[str, Any]] = []
+        counts: list[tuple[str, Any, Tensor]] = []
 
         def mean(name: str, value: Tensor | None, w: Tensor | None = None) -> None:
             metric = self._metric(name, MeanMetric, output.device)
@@ -312,8 +342,7 @@ class PredictionStability(FlightcheckCallback):
                 metric.update(torch.zeros(0, device=output.device))
             else:
                 metric.update(value, w)
-            figures[name] = metric.compute()
-            metric.reset()
+            means.append((name, metric))
 
         finite = torch.isfinite(output).all() if output.is_floating_point() else torch.ones((), dtype=torch.bool)
         mean("finite", finite.float().to(output.device))  # 1.0 only when every rank's output is finite
@@ -338,14 +367,9 @@ class PredictionStability(FlightcheckCallback):
                 # a flip between two answers the model was sure of: not a borderline case
                 sure = changes * (confident(self._previous_confidence, spec, CONFIDENT_MARGIN) & confident(conf, spec, CONFIDENT_MARGIN))
             mean("confident_churn", sure, weight if sure is not None else None)
-            histogram = self._counts("histogram", class_histogram(answers, spec, self._valid))
-            figures["answers"] = histogram[0].sum()
-            figures["diversity"] = normalized_entropy(histogram).mean()
-            figures["top_share"] = 1 - minority_share(histogram)
-            figures["top_answer"] = histogram[0].argmax().float()
+            counts.append(("histogram", *self._counts("histogram", class_histogram(answers, spec, self._valid))))
             if self._label_top_share is None and self._labels is not None:
-                labels = self._counts("label_histogram", class_histogram(self._labels, spec))
-                figures["label_top_share"] = 1 - minority_share(labels)
+                counts.append(("label_histogram", *self._counts("label_histogram", class_histogram(self._labels, spec))))
         interval = None if self._loss_sum is None else self._loss_sum / max(self._loss_steps, 1)
         if interval is None:
             interval = _logged_loss(trainer, output.device)
@@ -354,7 +378,25 @@ class PredictionStability(FlightcheckCallback):
             mean("initial_loss", self._initial_sum / self._initial_steps)
         self._loss_sum, self._loss_steps = None, 0
         self._pending = (answers, None if regression else conf)
-        return figures
+
+        def reduce() -> dict[str, Tensor]:
+            figures: dict[str, Tensor] = {}
+            for name, metric in means:
+                figures[name] = metric.compute()
+                metric.reset()
+            for name, metric, shape in counts:
+                summed = metric.compute().reshape(shape)
+                metric.reset()
+                if name == "histogram":
+                    figures["answers"] = summed[0].sum()
+                    figures["diversity"] = normalized_entropy(summed).mean()
+                    figures["top_share"] = 1 - minority_share(summed)
+                    figures["top_answer"] = summed[0].argmax().float()
+                else:
+                    figures["label_top_share"] = 1 - minority_share(summed)
+            return figures
+
+        return reduce
 
     def _metric(self, name: str, cls: type, device: torch.device) -> Any:
         metric = self._metrics.get(name)
@@ -363,14 +405,14 @@ class PredictionStability(FlightcheckCallback):
             metric = self._metrics[name] = cls(nan_strategy="disable").to(device)
         return metric
 
-    def _counts(self, name: str, histogram: Tensor) -> Tensor:
+    def _counts(self, name: str, histogram: Tensor) -> tuple[Any, torch.Size]:
+        """The summing metric of ``name``, updated with this rank's ``histogram`` (its
+        ``compute`` sums over ranks), and the histogram's shape."""
         metric = self._metrics.get(name)
         if metric is None or metric.counts.numel() != histogram.numel():
             metric = self._metrics[name] = SummedCounts(histogram.numel()).to(histogram.device)
         metric.update(histogram)
-        counts = metric.compute().reshape(histogram.shape)
-        metric.reset()
-        return counts
+        return metric, histogram.shape
 
     def _reading(self, trainer: Any, values: dict[str, Any]) -> ProbeReading | None:
         spec = self._spec
