@@ -21,6 +21,7 @@ import functools
 import inspect
 import logging
 import traceback
+import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -92,7 +93,8 @@ class FlightcheckCallback(Callback):
 
     Args:
         on_finding: called with each new :class:`~flightcheck.Finding` on global rank 0,
-            e.g. to send an alert from a long run. A hook that raises is logged and ignored.
+            e.g. to send an alert from a long run. A hook that raises is logged (once per run,
+            with its traceback) and never re-raised; it is still called for later findings.
     """
 
     #: the ``source`` of this callback's findings
@@ -117,9 +119,15 @@ class FlightcheckCallback(Callback):
         self._owes_agreement = False
         self._agreements_taken = 0
         self._hub: ReportHub | None = None
+        self._trainer: Callable[[], Any] = lambda: None  # a weak reference, for checkpoint-time faults
+        self._hook_warned: set[int] = set()
 
     # ------------------------------------------------------------------ lifecycle
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        try:
+            self._trainer = weakref.ref(trainer)
+        except TypeError:  # not weak-referenceable (a stand-in trainer in a test)
+            self._trainer = lambda: None
         self._hub = attach_hub(trainer)
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
@@ -185,8 +193,24 @@ class FlightcheckCallback(Callback):
             try:
                 self.on_finding(finding)
             except Exception as err:  # noqa: BLE001 - user alerting must not kill training
-                log.warning("flightcheck: on_finding hook raised %r; continuing", err)
+                self._on_finding_failed(hub, finding, err)
         return finding
+
+    def _on_finding_failed(self, hub: ReportHub | None, finding: Finding, err: Exception) -> None:
+        """Say once per run (per hook) that the user's ``on_finding`` raised, with its traceback;
+        it is still called for later findings (an alerting service may come back)."""
+        warned = hub.hook_failures if hub is not None else self._hook_warned
+        if id(self.on_finding) in warned:
+            log.debug("flightcheck: on_finding raised %r again (finding %s)", err, finding.check)
+            return
+        warned.add(id(self.on_finding))
+        hook = getattr(self.on_finding, "__qualname__", type(self.on_finding).__name__)
+        log.warning(
+            "flightcheck: the on_finding hook %s raised %s: %s (on the %s finding). Training continues; findings "
+            "still go to the findings file, TensorBoard and the console, and the hook is still called for each "
+            "new finding. Said once per run.",
+            hook, type(err).__name__, err, finding.check, exc_info=err,
+        )
 
     def resolve(self, check: str, target: str | None = None) -> bool:
         """Say a problem cleared, so that it is reported again if it comes back."""
@@ -265,17 +289,34 @@ class FlightcheckCallback(Callback):
             log.warning("flightcheck: %s could not tell the other ranks it stepped aside: %r", type(self).__name__, err)
 
     # ------------------------------------------------------------------ checkpoints
+    # Lightning calls these directly (they are not hooks): they are guarded here, so that a
+    # state that cannot be saved or restored costs neither the checkpoint nor the resume.
     def state_dict(self) -> dict[str, Any]:
+        extra: dict[str, Any] = {}
+        if not self._failed:
+            try:
+                extra = self.extra_state()
+            except Exception as err:  # noqa: BLE001 - the checkpoint is saved without this state
+                self._contain("state_dict", err)
         return {
             "dedup": self._dedup.state_dict(),
             "findings": [f.to_dict() for f in self.findings],
-            "state": self.extra_state(),
+            "state": extra,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._dedup.load_state_dict(state_dict.get("dedup", {}))
-        self.findings = [Finding.from_dict(d) for d in state_dict.get("findings", [])]
-        self.load_extra_state(state_dict.get("state", {}))
+        try:
+            self._dedup.load_state_dict(state_dict.get("dedup", {}))
+            self.findings = [Finding.from_dict(d) for d in state_dict.get("findings", [])]
+            self.load_extra_state(state_dict.get("state", {}))
+        except Exception as err:  # noqa: BLE001 - the run resumes; this callback steps aside
+            self._contain("load_state_dict", err)
+
+    def _contain(self, method: str, err: Exception) -> None:
+        trainer = self._trainer()
+        self._step_aside(method, err, trainer)
+        if self._has_collectives and trainer is not None and world_size(trainer) > 1:
+            self._owes_agreement = True  # answer the next agreement the other ranks take
 
     def extra_state(self) -> dict[str, Any]:
         """A subclass's baselines and windows, saved in checkpoints."""
@@ -283,6 +324,13 @@ class FlightcheckCallback(Callback):
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`extra_state` saved."""
+
+
+# The base class's own hooks are guarded like every subclass's (``__init_subclass__`` does not
+# see the class that defines it).
+for _name in ("setup", "teardown"):
+    setattr(FlightcheckCallback, _name, _guard(vars(FlightcheckCallback)[_name]))
+del _name
 
 
 def logging_due(trainer: Any) -> bool:

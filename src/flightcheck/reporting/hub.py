@@ -47,6 +47,8 @@ class ReportHub:
         self.is_writer = bool(getattr(trainer, "is_global_zero", True))
         self._sinks: list[Any] | None = None
         self.users = 0
+        #: ids of ``on_finding`` hooks whose failure was already logged in this run
+        self.hook_failures: set[int] = set()
 
     @property
     def findings_dir(self) -> str | None:
