@@ -31,7 +31,9 @@ def tensorboard_writer(trainer: Any) -> Any:
 
 
 def _tensorboard_experiment(logger: Any) -> Any:
-    if type(logger).__name__ != "TensorBoardLogger":
+    # by name, so that ``lightning.pytorch`` and ``pytorch_lightning`` loggers (and their
+    # subclasses) both count, and no other logger's experiment is created by asking for it
+    if not any(cls.__name__ == "TensorBoardLogger" for cls in type(logger).__mro__):
         return None
     experiment = logger.experiment
     # On ranks other than 0 Lightning hands out a dummy experiment with no add_text.
@@ -105,11 +107,13 @@ class ReportHub:
 
 
 def resolve_log_dir(trainer: Any) -> str | None:
-    """The logger's directory, else ``default_root_dir``. A collective under DDP."""
+    """The logger's directory, else ``default_root_dir`` (no logger, or a logger without a
+    directory). A collective under DDP."""
     try:
-        return trainer.log_dir
+        log_dir = trainer.log_dir
     except Exception:
-        return getattr(trainer, "default_root_dir", None)
+        log_dir = None
+    return log_dir if log_dir else getattr(trainer, "default_root_dir", None)
 
 
 def attach_hub(trainer: Any) -> ReportHub:
