@@ -173,7 +173,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     fast = os.environ.get("FLIGHTCHECK_EXAMPLES_FAST", "").strip().lower() not in ("", "0", "false", "no")
     parser.add_argument("--fast", action="store_true", default=fast, help="fewer epochs")
-    parser.add_argument("--epochs", type=int, default=None, help="default 10 (4 with --fast)")
+    parser.add_argument("--epochs", type=int, default=None, help="default 10 (2 with --fast)")
     parser.add_argument("--logdir", default="flightcheck_logs")
     args = parser.parse_args()
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
@@ -185,7 +185,7 @@ def main() -> None:
     L.seed_everything(0, verbose=False)
     train, val = sensor_feed()
     trainer = L.Trainer(
-        max_epochs=args.epochs or (4 if args.fast else 10),
+        max_epochs=args.epochs or (2 if args.fast else 10),
         accelerator="cpu",
         callbacks=flightcheck.default_callbacks(on_finding=alert),
         logger=TensorBoardLogger(args.logdir, name="alerts"),

@@ -42,7 +42,8 @@ GALLERY_CATCHES = {
 
 
 def run_example(*args: object, cwd: Path, timeout: float = 180, **env_vars: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, FLIGHTCHECK_EXAMPLES_FAST="1", **env_vars)
+    # one thread per process, as conftest.py gives the in-process tests: tiny models run fastest so
+    env = dict(os.environ, FLIGHTCHECK_EXAMPLES_FAST="1", OMP_NUM_THREADS="1", **env_vars)
     # the examples import the same flightcheck as these tests, installed or not
     env["PYTHONPATH"] = os.pathsep.join(
         p for p in (str(Path(flightcheck.__file__).resolve().parents[1]), env.get("PYTHONPATH")) if p

@@ -1,16 +1,17 @@
-"""Data leakage: the model reads its own answer.
+"""Data leakage: the label column was left in the features, so the model reads its own answer.
 
     python examples/gallery/reads_the_target.py
 
-Left over from a label-conditioned experiment, ``training_step`` appends the one-hot label to
-the features before the forward pass. The loss falls beautifully, validation (built the same
-way) agrees, and the model is useless on real inputs, where there is no label to read.
+A tabular pipeline selects feature columns with ``table.drop(columns=["id"])`` where it meant
+``drop(columns=["id", "label"])``: the label rides along as the last feature. The loss falls
+beautifully, validation (built by the same code) agrees, and the model is useless in
+production, where there is no label to read. The field notes: "make sure the labels and inputs
+are aligned"; "check your data".
 """
 
 from __future__ import annotations
 
 import torch
-from torch.nn import functional as F
 
 import harness
 
@@ -18,29 +19,14 @@ NAME = "reads_the_target"
 EXPECTED = "target_leakage"
 
 
-class Classifier(harness.Classifier):
-    def __init__(self):
-        super().__init__(dim=16 + 4)
-
-    def logits(self, x, y):
-        return self(torch.cat([x, F.one_hot(y, 4).float()], dim=-1))  # BUG: y is an input of the model
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        loss = F.cross_entropy(self.logits(x, y), y)
-        self.log("train_loss", loss)
-        return loss
-
-    def validation_step(self, batch, batch_idx):
-        x, y = batch
-        logits = self.logits(x, y)
-        self.log("val_loss", F.cross_entropy(logits, y))
-        self.log("val_acc", (logits.argmax(-1) == y).float().mean())
+def with_label_column(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return torch.cat([x, y[:, None].float()], dim=1)  # BUG: the label is one of the feature columns
 
 
 def build(fast: bool):
-    train, val = harness.loaders(*harness.clusters())
-    return Classifier(), train, val, 1 if fast else 5
+    (x, y), (xv, yv) = harness.clusters()
+    train, val = harness.loaders((with_label_column(x, y), y), (with_label_column(xv, yv), yv))
+    return harness.Classifier(dim=17), train, val, 1 if fast else 5
 
 
 if __name__ == "__main__":
