@@ -277,7 +277,7 @@ class WholeBatchForward(TinyLM):
 
 def test_a_forward_that_takes_the_whole_batch_is_called_with_it(tmp_path):
     cb = fit(tmp_path, WholeBatchForward(), DataLoader(TokenDataset(), batch_size=16), max_epochs=1)
-    assert cb.prediction_fn.whole_batch is True and len(cb.readings) >= 3 and cb.findings == []
+    assert cb.prediction_fn.form == "batch" and len(cb.readings) >= 3 and cb.findings == []
 
 
 def test_a_model_it_cannot_call_switches_it_off_with_a_note_not_a_warning(tmp_path, data):

@@ -28,7 +28,7 @@ from typing import Any
 KINDS = ("bug", "healthy")
 PHASES = ("preflight", "inflight")
 #: display order of the families; other modules of this package follow, alphabetically
-FAMILIES = ("healthy", "loss_bugs", "optim_bugs", "data_bugs", "numeric_bugs", "model_bugs")
+FAMILIES = ("healthy", "loss_bugs", "optim_bugs", "data_bugs", "numeric_bugs", "model_bugs", "leakage")
 
 Build = Callable[[int], tuple[Any, Any, dict[str, Any]]]
 

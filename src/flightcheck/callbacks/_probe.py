@@ -91,24 +91,38 @@ def prediction_in(output: Any) -> Tensor:
 class DefaultPrediction:
     """The default ``prediction_fn``: :func:`prediction_in` of ``pl_module(x)`` with ``x`` the
     batch's input (:func:`default_inputs`), else of ``pl_module(batch)`` for a ``forward``
-    that takes the whole batch. The form that worked the first time is kept."""
+    that takes the whole batch, else of ``pl_module(*batch)`` for a ``forward`` that takes the
+    tuple's elements as arguments (``forward(src, tgt)``). The form that worked first is kept."""
+
+    FORMS = ("inputs", "batch", "unpacked")
 
     def __init__(self) -> None:
-        self.whole_batch: bool | None = None
+        self.form: str | None = None
+
+    @staticmethod
+    def _call(pl_module: Any, batch: Any, form: str) -> Tensor:
+        if form == "inputs":
+            return prediction_in(pl_module(default_inputs(batch)))
+        if form == "batch":
+            return prediction_in(pl_module(batch))
+        if not isinstance(batch, (list, tuple)) or len(batch) < 2:
+            raise TypeError("the batch is not a tuple of arguments")
+        return prediction_in(pl_module(*batch))
 
     def __call__(self, pl_module: Any, batch: Any) -> Tensor:
-        if self.whole_batch is not None:
-            return prediction_in(pl_module(batch if self.whole_batch else default_inputs(batch)))
-        try:
-            output = prediction_in(pl_module(default_inputs(batch)))
-            self.whole_batch = False
-        except Exception as err:  # noqa: BLE001 - a forward with another signature: try the batch
+        if self.form is not None:
+            return self._call(pl_module, batch, self.form)
+        first: BaseException | None = None
+        for form in self.FORMS:
             try:
-                output = prediction_in(pl_module(batch))
-            except Exception:  # noqa: BLE001
-                raise err from None
-            self.whole_batch = True
-        return output
+                output = self._call(pl_module, batch, form)
+            except Exception as err:  # noqa: BLE001 - a forward with another signature: try the next form
+                first = first or err
+                continue
+            self.form = form
+            return output
+        assert first is not None
+        raise first
 
 
 def model_unreachable(callback: Any, trainer: Any, err: BaseException) -> None:

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from flightcheck.checks import Verdict
 from flightcheck.preflight.context import PreflightContext
 from flightcheck.preflight.registry import Skip, register
-from flightcheck.preflight.roles import map_tensors, path_str
+from flightcheck.preflight.roles import leaves, map_tensors, path_str
 from flightcheck.preflight.sandbox import Abort, primary_tensor
 from flightcheck.preflight.task import is_integer
 from flightcheck.utils import modes_preserved
@@ -93,6 +93,9 @@ class _InputProbe:
         self.leaves: list[Tensor] = []
         self.output: Tensor | None = None
         self.called = False
+        #: the batch's 1-D integer tensors: a 1-D ids tensor is per-sample only if it is one of them
+        #: (``arange(T)`` position ids are not, even when T equals the batch size)
+        self.batch_ids: list[Tensor] = []
         self._inside = mode == "children"
         self._handles: list[Any] = []
 
@@ -140,6 +143,8 @@ class _InputProbe:
         ids = args[0] if args else None
         if not self._inside or not isinstance(ids, Tensor) or ids.dim() == 0 or ids.shape[0] != self.batch_size:
             return None
+        if ids.dim() == 1 and not any(t.shape == ids.shape and torch.equal(t, ids) for t in self.batch_ids):
+            return None
         out = output.detach().requires_grad_(True)
         self.leaves.append(out)
         return out
@@ -185,11 +190,14 @@ def probed_inputs(ctx: PreflightContext, eval_mode: bool = True) -> Iterator[Pro
     with modes_preserved(module), torch.enable_grad(), _cudnn_off() if eval_mode else contextlib.nullcontext():
         if eval_mode:
             module.eval()
+        ids = [t for _, t in leaves(ctx.batch) if t.dim() == 1 and is_integer(t)]
         probe = _InputProbe(module, batch_size, "forward")
+        probe.batch_ids = ids
         record = ctx.runner.evaluate(ctx.batch, within=probe.installed())
         where = "the LightningModule's forward"
         if not probe.called:
             probe = _InputProbe(module, batch_size, "children")
+            probe.batch_ids = ids
             batch = map_tensors(ctx.batch, lambda _p, t: probe.leaf(t))
             record = ctx.runner.evaluate(batch, within=probe.installed())
             where = "the training step's last submodule"

@@ -47,9 +47,12 @@ from flightcheck.utils import modes_preserved, preserved_rng
 #: targets that changed times what it gained by fitting (a confident wrong answer costs more than
 #: chance); a copying model loses close to nothing. Below this share of that, it copies.
 TARGET_LEAK_SHARE = 0.25
-#: For classification: a model whose predictions match the shuffled targets on at least this share
-#: of the changed entries (and far above chance) is copying them, whatever the loss says.
-FOLLOW_SHARE = 0.5
+#: For classification: a model that does not use the targets fed to it keeps its predictions when
+#: they are shuffled (it matches them only by chance); one whose predictions switch to the shuffled
+#: targets on at least this share of the changed entries is copying them, whatever the loss says.
+FOLLOW_SHARE = 0.25
+#: ... and at least this far above how often the memorised predictions agree with them by chance.
+FOLLOW_MARGIN = 0.2
 #: Shuffling must change at least this fraction of the target entries to say anything.
 MIN_CHANGED = 0.2
 #: Outputs within this relative tolerance with real and shuffled targets are "unchanged".
@@ -212,7 +215,7 @@ def judge_target_leakage(
         raise Skip(f"shuffling changed only {changed:.0%} of {target_name} (most entries are the same value)")
     share = (shuffled - fitted) / (changed * gain)
     data["loss_rise_share"] = share
-    following = follows is not None and chance is not None and follows >= FOLLOW_SHARE and follows - chance >= 0.3
+    following = follows is not None and chance is not None and follows >= FOLLOW_SHARE and follows - chance >= FOLLOW_MARGIN
     if share < TARGET_LEAK_SHARE or following:
         how = (
             f"its predictions follow the shuffled {target_name} on {follows:.0%} of the changed entries"
@@ -291,7 +294,7 @@ def _following(real: Tensor, shuffled: Tensor, target: Tensor, shuffled_target: 
     if a is None or b is None or a[0].shape != b[0].shape:
         return None, None
     changed = (a[1] != b[1]) & (a[1] != IGNORE_INDEX) & (b[1] != IGNORE_INDEX)
-    if int(changed.sum()) < 4:
+    if int(changed.sum()) < 8:
         return None, None
     follows = (b[0].argmax(dim=-1) == b[1])[changed].float().mean()
     chance = (a[0].argmax(dim=-1) == b[1])[changed].float().mean()
