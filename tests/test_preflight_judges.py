@@ -22,9 +22,9 @@ from flightcheck.preflight.data import (
     loss_weighting,
 )
 from flightcheck.preflight.gradients import identical_units, init_scale, judge_gradient_flow, judge_init_scale
-from flightcheck.preflight.loss import classify_curve, judge_init_loss, judge_output_activation
+from flightcheck.preflight.loss import classify_curve, judge_init_loss, judge_output_activation, judge_overfit
 from flightcheck.preflight.modes import judge_train_mode
-from flightcheck.preflight.overfit import GradientFlags, WarmupRamp, probe_schedules
+from flightcheck.preflight.overfit import GradientFlags, OverfitRun, WarmupRamp, probe_schedules
 from flightcheck.preflight.registry import Skip
 from flightcheck.preflight.roles import find_target, path_str, replace_at
 from flightcheck.preflight.task import infer_task
@@ -77,6 +77,13 @@ def test_a_loss_that_falls_while_the_task_error_rises_is_being_maximised():
 def test_every_sample_right_passes_even_when_label_smoothing_keeps_the_loss_up():
     losses = _decay(2.3, 0.2, 40, floor=0.9)
     assert classify_curve(losses, correct=[0.3] * 39 + [1.0])[0] == "reached"
+
+
+def test_reached_overfit_quotes_the_loss_that_reached_the_target_not_a_later_bounce():
+    # the forgotten-zero_grad curve: down, touches a fiftieth of the start, then swings back above it
+    losses = _decay(1.0, 0.08, 25) + [0.4, 1.2, 0.02, 1.3, 1.4]
+    verdict = judge_overfit(OverfitRun(losses=losses, steps=30, stopped="reached"))
+    assert verdict.message == "fitted one batch in 30 steps (loss 1 -> 0.02)."
 
 
 # --------------------------------------------------------------------------- init_loss

@@ -212,7 +212,9 @@ def judge_overfit(run: OverfitRun) -> Verdict:
     start, end = figures.get("start", float("nan")), figures.get("end", float("nan"))
     steps = f"{run.steps} step{'s' if run.steps != 1 else ''}"
     if kind == "reached":
-        how = "every sample right" if figures.get("correct_end") == 1.0 else f"loss {start:.4g} -> {end:.4g}"
+        # the lowest loss is what reached the target; the curve's end can have bounced back up
+        best = figures.get("best", end)
+        how = "every sample right" if figures.get("correct_end") == 1.0 else f"loss {start:.4g} -> {best:.4g}"
         return Verdict("overfit_batch", "info", f"fitted one batch in {steps} ({how}).", data=data)
     if kind == "falling":
         return Verdict("overfit_batch", "info", f"loss fell from {start:.4g} to {end:.4g} in {steps}.", data=data)
