@@ -395,3 +395,12 @@ def test_testing_asserts(text):
     assert_no_target_leakage(TabularMLP(8), (xt, yt))
     with pytest.raises(AssertionError, match="target_leakage fail"):
         assert_no_target_leakage(TabularMLP(9), (torch.cat([xt, yt[:, None].float()], 1), yt))
+
+
+def test_position_ids_as_long_as_the_batch_are_not_samples():
+    """A block length equal to the batch size made arange(T) position ids look like one id per
+    sample, and batch_independence accused every healthy language model of mixing samples."""
+    (x, y), vocab = lm_batch(batch_size=32, block=32)
+    report = run_preflight(AttentionLM(vocab, mask="causal"), (x, y), checks=["batch_independence", "causal_leakage"])
+    assert report["batch_independence"].status is Status.PASS, report["batch_independence"].message
+    assert report["causal_leakage"].status is Status.PASS
