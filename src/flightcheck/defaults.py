@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -56,8 +57,21 @@ def default_callbacks(
         if on_finding is not None:
             kwargs.setdefault("on_finding", on_finding)
         cls = getattr(importlib.import_module(module), cls_name)
+        accepted = _arguments(cls)
+        unknown_args = sorted(str(k) for k in kwargs if k not in accepted)
+        if unknown_args:
+            raise TypeError(
+                f"default_callbacks({key}={{...}}) got unknown argument(s) {unknown_args} for {cls_name}; "
+                f"accepted: {sorted(accepted)}"
+            )
         callbacks.append(cls(**kwargs))
     return callbacks
+
+
+def _arguments(cls: type) -> set[str]:
+    """The keyword arguments ``cls(...)`` takes."""
+    params = inspect.signature(cls.__init__).parameters.values()
+    return {p.name for p in params if p.name != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
 
 
 def findings(trainer: Any) -> list[Finding]:

@@ -246,7 +246,9 @@ class ProbeSchedule:
     so the one host transfer of a probe falls on a step where Lightning already syncs)."""
 
     def __init__(self, every_n_steps: int | None = None) -> None:
-        if every_n_steps is not None and (not isinstance(every_n_steps, int) or every_n_steps < 1):
+        if every_n_steps is not None and (
+            isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1
+        ):
             raise ValueError(f"every_n_steps must be None (the trainer's log_every_n_steps) or an int >= 1, got {every_n_steps!r}")
         self.every_n_steps = every_n_steps
         self.last_step: int | None = None

@@ -217,9 +217,11 @@ class ActivationMonitor(FlightcheckCallback):
         super().__init__(on_finding=on_finding)
         if prediction_fn is not None and not callable(prediction_fn):
             raise TypeError(f"prediction_fn must be a callable (pl_module, batch) -> Tensor, got {type(prediction_fn).__name__}")
-        if warmup_steps is not None and (not isinstance(warmup_steps, int) or warmup_steps < 0):
+        if warmup_steps is not None and (
+            isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0
+        ):
             raise ValueError(f"warmup_steps must be None (two probe intervals) or an int >= 0, got {warmup_steps!r}")
-        if not isinstance(patience, int) or patience < 1:
+        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
             raise ValueError(f"patience must be an int >= 1, got {patience!r}")
         if not isinstance(per_layer, bool):
             raise TypeError(f"per_layer must be True or False, got {per_layer!r}")

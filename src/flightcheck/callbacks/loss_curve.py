@@ -147,6 +147,14 @@ class LossCurveMonitor(FlightcheckCallback):
         self.target_error = _optional_number("target_error", target_error)
         self.floor = _optional_number("floor", floor)
         self.baseline_loss = _optional_number("baseline_loss", baseline_loss)
+        for low_name, low, high_name, high in (("floor", self.floor, "baseline_loss", self.baseline_loss),
+                                               ("floor", self.floor, "target_error", self.target_error),
+                                               ("target_error", self.target_error, "baseline_loss", self.baseline_loss)):
+            if low is not None and high is not None and not low <= high:
+                raise ValueError(
+                    f"LossCurveMonitor({low_name}={low:g}, {high_name}={high:g}) contradict each other: "
+                    f"{low_name} must be at most {high_name} (floor <= target_error <= baseline_loss)"
+                )
         for arg, value, low in (("warmup_steps", warmup_steps, 0), ("confirm", confirm, 1)):
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ValueError(f"{arg} must be an int >= {low}, got {value!r}")

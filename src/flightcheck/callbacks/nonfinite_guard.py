@@ -147,8 +147,9 @@ class NonFiniteGuard(FlightcheckCallback):
         super().__init__(on_finding=on_finding)
         if action not in ACTIONS:
             raise ValueError(f"NonFiniteGuard(action={action!r}) is not supported; accepted values: {list(ACTIONS)}")
-        if isinstance(min_loss_scale, bool) or not isinstance(min_loss_scale, (int, float)) or not min_loss_scale > 0:
-            raise ValueError(f"NonFiniteGuard(min_loss_scale={min_loss_scale!r}) must be a number > 0, e.g. 1.0")
+        if (isinstance(min_loss_scale, bool) or not isinstance(min_loss_scale, (int, float))
+                or not 0 < min_loss_scale < math.inf):
+            raise ValueError(f"NonFiniteGuard(min_loss_scale={min_loss_scale!r}) must be a finite number > 0, e.g. 1.0")
         for flag, value in (("replay", replay), ("save_reproducer", save_reproducer)):
             if not isinstance(value, bool):
                 raise TypeError(f"NonFiniteGuard({flag}=...) must be True or False, got {value!r}")

@@ -169,9 +169,11 @@ class PredictionStability(FlightcheckCallback):
             raise TypeError(f"target_fn must be a callable (batch) -> Tensor | None, got {type(target_fn).__name__}")
         if task not in TASKS:
             raise ValueError(f"task must be one of {list(TASKS)}, got {task!r}")
-        if warmup_steps is not None and (not isinstance(warmup_steps, int) or warmup_steps < 0):
+        if warmup_steps is not None and (
+            isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0
+        ):
             raise ValueError(f"warmup_steps must be None (two probe intervals) or an int >= 0, got {warmup_steps!r}")
-        if not isinstance(patience, int) or patience < 1:
+        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
             raise ValueError(f"patience must be an int >= 1, got {patience!r}")
         self._source = ProbeSource(probe_batch)
         self._schedule = ProbeSchedule(every_n_steps)

@@ -45,7 +45,13 @@ def _check_names(value: Iterable[str] | None, parameter: str) -> list[str] | Non
         return None
     if isinstance(value, str):
         value = [value]
-    names = list(value)
+    try:
+        names = list(value)
+    except TypeError:
+        raise TypeError(
+            f"Preflight({parameter}=...) takes a check name or a list of them (from flightcheck.PREFLIGHT_CHECKS), "
+            f"got {type(value).__name__}"
+        ) from None
     unknown = [n for n in names if n not in PREFLIGHT_CHECKS]
     if unknown:
         raise ValueError(
@@ -128,6 +134,11 @@ class Preflight(FlightcheckCallback):
         super().__init__(on_finding=on_finding)
         self.checks = _check_names(checks, "checks")
         self.skip = _check_names(skip, "skip") or []
+        if self.checks is not None and not [n for n in self.checks if n not in self.skip]:
+            raise ValueError(
+                f"Preflight(checks={self.checks}, skip={self.skip}) selects no check; give check names from "
+                "flightcheck.PREFLIGHT_CHECKS, or leave the pre-flight out (default_callbacks(preflight=False))"
+            )
         if on_fail not in ON_FAIL:
             raise ValueError(f"Preflight(on_fail=...) must be one of {list(ON_FAIL)}, got {on_fail!r}")
         if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
