@@ -364,3 +364,16 @@ def test_loss_that_fits_to_exactly_zero_is_neither_divergence_nor_underfitting()
     steps = np.arange(130, dtype=float)
     values = np.r_[1.3, np.zeros(129)]
     assert _checks(steps, values) == []
+
+
+def test_loss_first_logged_after_it_fitted_to_exactly_zero_is_not_underfitting():
+    # The same run read back from TensorBoard by `flightcheck analyze`: logged every 10 steps,
+    # its first point is already 0.0, so the fall is not in the series.
+    steps = np.arange(9, 130, 10, dtype=float)
+    assert _checks(steps, np.zeros(len(steps))) == []
+
+
+def test_loss_exactly_zero_from_step_0_is_underfitting():
+    # zero before any update: the loss never carried a signal (everything masked out, times 0)
+    steps = np.arange(130, dtype=float)
+    assert ("underfitting", "warning") in _checks(steps, np.zeros(130))

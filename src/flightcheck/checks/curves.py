@@ -933,9 +933,11 @@ def underfitting(
     else:
         if not final:
             return None
-        if st.noise == 0.0 and st.values[0] > st.now:
-            # Exactly flat below where it began: the loss sits on a numeric bound (a
-            # cross-entropy that underflowed to 0 after fitting in a step or two), not stuck.
+        if st.noise == 0.0 and (st.values[0] > st.now or (st.now == 0.0 and st.steps[0] > 0)):
+            # Exactly flat below where it began, or exactly at 0 from a first point logged after
+            # step 0 (the fall came before it, as `flightcheck analyze` reads TensorBoard): the
+            # loss sits on a numeric bound (a cross-entropy that underflowed to 0 after fitting
+            # in a step or two), not stuck.
             return None
         stuck, zp = _no_progress(st)
         if not stuck:
