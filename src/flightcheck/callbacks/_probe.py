@@ -92,35 +92,59 @@ class DefaultPrediction:
     """The default ``prediction_fn``: :func:`prediction_in` of ``pl_module(x)`` with ``x`` the
     batch's input (:func:`default_inputs`), else of ``pl_module(batch)`` for a ``forward``
     that takes the whole batch, else of ``pl_module(*batch)`` for a ``forward`` that takes the
-    tuple's elements as arguments (``forward(src, tgt)``). The form that worked first is kept."""
+    tuple's elements as arguments (``forward(src, tgt)``). A LightningModule with no
+    ``forward`` of its own that keeps its network in an attribute (``self.model``,
+    ``self.net``, ``self.network``, ``self.module``, or its only sub-module with parameters)
+    is called through that network the same ways. The first call that works is kept."""
 
     FORMS = ("inputs", "batch", "unpacked")
+    #: attributes that conventionally hold the whole network of a LightningModule
+    NETWORK_ATTRIBUTES = ("model", "net", "network", "module")
 
     def __init__(self) -> None:
         self.form: str | None = None
+        #: the attribute of the LightningModule that is called ("" for the module itself)
+        self.via: str | None = None
 
     @staticmethod
-    def _call(pl_module: Any, batch: Any, form: str) -> Tensor:
+    def _call(module: Any, batch: Any, form: str) -> Tensor:
         if form == "inputs":
-            return prediction_in(pl_module(default_inputs(batch)))
+            return prediction_in(module(default_inputs(batch)))
         if form == "batch":
-            return prediction_in(pl_module(batch))
+            return prediction_in(module(batch))
         if not isinstance(batch, (list, tuple)) or len(batch) < 2:
             raise TypeError("the batch is not a tuple of arguments")
-        return prediction_in(pl_module(*batch))
+        return prediction_in(module(*batch))
+
+    @classmethod
+    def _networks(cls, pl_module: Any) -> list[str]:
+        """The module itself, then, when it has no ``forward`` of its own (the network does
+        the work), the attributes that may hold its network."""
+        names = [""]
+        forward = getattr(type(pl_module), "forward", None)
+        if getattr(forward, "__module__", "").split(".")[0] not in ("lightning", "pytorch_lightning", "torch"):
+            return names  # the user's own forward: calling a part of the model would bypass it
+        names += [n for n in cls.NETWORK_ATTRIBUTES if isinstance(getattr(pl_module, n, None), nn.Module)]
+        if isinstance(pl_module, nn.Module):
+            learning = [n for n, m in pl_module.named_children() if any(True for _ in m.parameters())]
+            if len(learning) == 1 and learning[0] not in names:
+                names.append(learning[0])
+        return names
 
     def __call__(self, pl_module: Any, batch: Any) -> Tensor:
-        if self.form is not None:
-            return self._call(pl_module, batch, self.form)
+        if self.form is not None and self.via is not None:
+            return self._call(getattr(pl_module, self.via) if self.via else pl_module, batch, self.form)
         first: BaseException | None = None
-        for form in self.FORMS:
-            try:
-                output = self._call(pl_module, batch, form)
-            except Exception as err:  # noqa: BLE001 - a forward with another signature: try the next form
-                first = first or err
-                continue
-            self.form = form
-            return output
+        for via in self._networks(pl_module):
+            module = getattr(pl_module, via) if via else pl_module
+            for form in self.FORMS:
+                try:
+                    output = self._call(module, batch, form)
+                except Exception as err:  # noqa: BLE001 - a forward with another signature: try the next form
+                    first = first or err
+                    continue
+                self.form, self.via = form, via
+                return output
         assert first is not None
         raise first
 

@@ -90,6 +90,7 @@ class _Recorder(TorchFunctionMode):
         self.scope: list[nn.Module] = []
         self.last_leaf: nn.Module | None = None
         self.dead: dict[str, Tensor] = {}
+        self.values: dict[str, int] = {}  # per ReLU layer: values each unit was seen on
         self.tails: dict[str, tuple[Tensor, Any]] = {}
         self.nonfinite: list[Tensor] = []
         self._seen: dict[str, int] = {}
@@ -130,7 +131,9 @@ class _Recorder(TorchFunctionMode):
             if _relu_like(func, args, kwargs):
                 channels_first = isinstance(self.last_leaf, _CHANNELS_FIRST)
                 peaks = unit_peaks(x.detach(), unit_axis(x, channels_first))  # before an in-place call
-                self.dead[self._layer("relu")] = (peaks > 0).float()
+                layer = self._layer("relu")
+                self.dead[layer] = (peaks > 0).float()
+                self.values[layer] = x.numel() // max(peaks.numel(), 1)  # shapes only: no sync
                 self.nonfinite.append((~torch.isfinite(peaks)).sum())
             elif func in _TANH or func in _SIGMOID:
                 limit = TANH_TAIL if func in _TANH else SIGMOID_TAIL
@@ -235,6 +238,7 @@ class ActivationMonitor(FlightcheckCallback):
         self.per_layer = per_layer
         self.readings: list[ActivationReading] = []
         self._counts: SummedCounts | None = None
+        self._values: dict[str, int] = {}  # of the latest probe: values each ReLU unit was seen on
 
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
@@ -283,6 +287,7 @@ class ActivationMonitor(FlightcheckCallback):
                     self._reached = True
                     recorder.drop_output_layer(output)
                     dead = list(recorder.dead.items())
+                    self._values = dict(recorder.values)
                     tails = [(name, counts) for name, (counts, _) in recorder.tails.items()]
                     if dead or tails:
                         # NaN/Inf activations are NonFiniteGuard's: such a probe is counted, then skipped
@@ -328,7 +333,8 @@ class ActivationMonitor(FlightcheckCallback):
             saturated[name] = inside / total if total else 0.0
             i += 2
         return ActivationReading(
-            step=int(trainer.global_step), samples=batch_size_of(batch) or 0, dead=dead_counts, saturated=saturated
+            step=int(trainer.global_step), samples=batch_size_of(batch) or 0, dead=dead_counts, saturated=saturated,
+            values={name: self._values.get(name, 0) for name in dead_counts},
         )
 
     def _log(self, trainer: Any, r: ActivationReading) -> None:
@@ -375,13 +381,15 @@ class ActivationMonitor(FlightcheckCallback):
                 samples=int(d.get("samples", 0)),
                 dead={k: (int(v[0]), int(v[1])) for k, v in d.get("dead", {}).items()},
                 saturated={k: float(v) for k, v in d.get("saturated", {}).items()},
+                values={k: int(v) for k, v in d.get("values", {}).items()},
             )
             for d in state.get("readings", [])
         ]
 
 
 def _reading_dict(r: ActivationReading) -> dict[str, Any]:
-    return {"step": r.step, "samples": r.samples, "dead": dict(r.dead), "saturated": dict(r.saturated)}
+    return {"step": r.step, "samples": r.samples, "dead": dict(r.dead), "saturated": dict(r.saturated),
+            "values": dict(r.values)}
 
 
 __all__ = ["ActivationMonitor"]

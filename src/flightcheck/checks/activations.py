@@ -20,6 +20,10 @@ from flightcheck.findings import Severity
 #: keep a minority of units silent on any one batch (sparse features, a few true casualties);
 #: half of a layer gone is half its width wasted, and it does not come back by itself.
 DEAD_UNITS_FRACTION = 0.5
+#: A layer's units must each have been seen on at least this many values (samples x positions)
+#: before "never fired" means dead: a unit that fires on half of its inputs stays silent on 8
+#: of them with a chance of 1/256, while on a single sample half of a healthy layer is silent.
+DEAD_UNITS_MIN_VALUES = 8
 #: LeakyReLU counts as ReLU-like only below this negative slope: at 1e-3 a unit that is never
 #: positive passes a thousandth of the gradient, dead in practice; the default 0.01 exists to
 #: keep units alive and is not judged.
@@ -48,12 +52,15 @@ class ActivationReading:
         samples: the probe batch's size.
         dead: per ReLU-family layer ``(dead units, units)``.
         saturated: per tanh/sigmoid layer the share of pre-activations in the flat tails.
+        values: per ReLU-family layer how many values each unit was seen on (samples times
+            positions: tokens, pixels); the probe's sample count when missing.
     """
 
     step: int
     samples: int = 0
     dead: Mapping[str, tuple[int, int]] = dataclasses.field(default_factory=dict)
     saturated: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    values: Mapping[str, int] = dataclasses.field(default_factory=dict)
 
 
 def _window(readings: Sequence[ActivationReading], patience: int, warmup_steps: int) -> list[ActivationReading] | None:
@@ -70,6 +77,11 @@ def dead_fraction(counts: tuple[int, int]) -> float:
 def is_dead_layer(reading: ActivationReading, layer: str) -> bool:
     counts = reading.dead.get(layer)
     return counts is not None and dead_fraction(counts) >= DEAD_UNITS_FRACTION
+
+
+def _seen_enough(reading: ActivationReading, layer: str) -> bool:
+    seen = reading.values.get(layer) or reading.samples or DEAD_UNITS_MIN_VALUES  # unknown: judged
+    return seen >= DEAD_UNITS_MIN_VALUES
 
 
 def is_saturated_layer(reading: ActivationReading, layer: str) -> bool:
@@ -89,7 +101,7 @@ def dead_units(
     verdicts = []
     last = window[-1]
     for layer, (dead, units) in last.dead.items():
-        if not all(is_dead_layer(r, layer) for r in window):
+        if not all(is_dead_layer(r, layer) and _seen_enough(r, layer) for r in window):
             continue
         everything = all(r.dead[layer][0] == r.dead[layer][1] for r in window)
         verdicts.append(
@@ -158,6 +170,7 @@ def saturation(
 
 __all__ = [
     "DEAD_UNITS_FRACTION",
+    "DEAD_UNITS_MIN_VALUES",
     "DEFAULT_PATIENCE",
     "LEAKY_DEAD_SLOPE",
     "SATURATION_FRACTION",
