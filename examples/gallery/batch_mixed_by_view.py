@@ -4,7 +4,7 @@
 
 A recurrent layer wants time-major input ``(T, B, D)``; the embeddings come batch-major
 ``(B, T, D)``. ``view`` gives the right shape and the wrong numbers: each "sequence" the GRU
-reads is now made of pieces of several samples. The field notes: "check your reshaping";
+reads is now made of pieces of several samples. Debugging checklists: "check your reshaping";
 "mixing information from different samples by using a reshape operation instead of a
 transpose" - and the gradient test they describe is flightcheck's ``batch_independence``.
 """

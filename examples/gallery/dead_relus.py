@@ -4,7 +4,7 @@
 
 A "sparsity" trick copied from somewhere: start the hidden units with a negative bias so few
 fire. With inputs of unit scale, almost every ReLU is off for every input, so almost no
-gradient gets through and the loss sits at ln 4. The field notes: "unadapted weights
+gradient gets through and the loss sits at ln 4. Debugging checklists: "unadapted weights
 initialization"; "stick with He normal initialization".
 """
 

@@ -5,7 +5,7 @@
 Common after a fine-tuning experiment: ``configure_optimizers`` builds the optimizer from
 ``self.head.parameters()``, and when the encoder is meant to train again nobody changes it.
 The encoder still gets gradients (so nothing looks wrong) but never moves from its random
-initialisation. The field notes: "gradient not flowing through the whole model".
+initialisation. Debugging checklists: "gradient not flowing through the whole model".
 """
 
 from __future__ import annotations

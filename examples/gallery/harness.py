@@ -117,7 +117,7 @@ def train(name: str, build: Build, *, fast: bool, logdir: str) -> tuple[list[fli
         max_epochs=epochs,
         accelerator="cpu",
         callbacks=flightcheck.default_callbacks(),  # the one line a user adds
-        logger=TensorBoardLogger(logdir, name=name, version=0),
+        logger=TensorBoardLogger(logdir, name=name),  # a new version_N per run
         log_every_n_steps=10,
         enable_checkpointing=False,
         enable_progress_bar=False,

@@ -3,7 +3,7 @@
     python examples/gallery/labels_shuffled.py
 
 The data set was shuffled in two calls, one permutation for the features and another for the
-labels (the same happens after a join on the wrong key, or sorting one column only). The field
+labels (the same happens after a join on the wrong key, or sorting one column only). The debugging
 notes: "make sure the labels and inputs are aligned ... this mis-alignment can happen if you
 shuffle inputs and labels independently". The training loss still falls, slowly, because a
 big enough model memorises noise; validation stays at chance.

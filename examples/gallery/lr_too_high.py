@@ -3,7 +3,7 @@
     python examples/gallery/lr_too_high.py
 
 A slipped decimal point, or a schedule whose peak is wrong. Within a few steps the loss and the
-gradients blow up to inf and NaN. The field notes: "error explodes ... high learning rate";
+gradients blow up to inf and NaN. Debugging checklists: "error explodes ... high learning rate";
 "lower your learning rate". The pre-flight's overfit-one-batch test uses the model's own
 optimizer, so it sees the blow-up before the first real step.
 """

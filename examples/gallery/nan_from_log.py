@@ -4,7 +4,7 @@
 
 ``-(y * log(sigmoid(z)) + (1 - y) * log(1 - sigmoid(z)))`` is fine until the model gets
 confident: on separable data ``z`` grows until ``sigmoid(z)`` rounds to exactly 1.0 in float32,
-``log(1 - 1.0) = log(0) = -inf``, and the next backward fills the weights with NaN. The field
+``log(1 - 1.0) = log(0) = -inf``, and the next backward fills the weights with NaN. The debugging
 notes: "numerical instability (inf/NaN) often stems from using an exp, log, or div operation".
 ``F.binary_cross_entropy_with_logits`` computes the same loss stably.
 """

@@ -5,7 +5,7 @@
 A tabular pipeline selects feature columns with ``table.drop(columns=["id"])`` where it meant
 ``drop(columns=["id", "label"])``: the label rides along as the last feature. The loss falls
 beautifully, validation (built by the same code) agrees, and the model is useless in
-production, where there is no label to read. The field notes: "make sure the labels and inputs
+production, where there is no label to read. Debugging checklists: "make sure the labels and inputs
 are aligned"; "check your data".
 """
 

@@ -4,7 +4,7 @@
 
 ``F.cross_entropy`` applies log-softmax itself. Feed it probabilities and it takes a softmax of
 a softmax: the outputs live in [0, 1], the loss cannot fall much below ~0.74 for four classes,
-and the gradients are weak. The field notes list it among the five most common bugs
+and the gradients are weak. Full Stack Deep Learning lists it among the five most common bugs
 ("incorrect input to your loss function, e.g. softmaxed outputs to a loss that expects logits").
 """
 

@@ -4,7 +4,7 @@
 
 A tabular pipeline where the standardisation step was lost in a refactor: some columns are
 in the thousands (a price, a count of seconds), some are fractions. The big columns swamp
-the first layer, the initial loss is far above ln C and training is erratic. The field notes:
+the first layer, the initial loss is far above ln C and training is erratic. Debugging checklists:
 "forgetting to normalize"; "subtract the mean and divide by the standard deviation"; "if
 feature 1 has an order of magnitude 1 but feature 2 has order of magnitude 1000, ...".
 """
