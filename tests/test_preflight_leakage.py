@@ -24,6 +24,7 @@ from flightcheck.testing import (
 
 from .conftest import TinyClassifier, cluster_data, make_trainer
 from .leakage_models import (
+    ArcFaceClassifier,
     AttentionLM,
     ConvLM,
     EncoderClassifier,
@@ -219,6 +220,23 @@ def test_labels_passed_into_the_model():
     assert "follow the shuffled" in row.message
 
 
+def test_labels_passed_into_the_model_next_to_informative_features():
+    """The model learns mostly from its features within the overfit budget, but its answers
+    already lean towards whatever label it is handed."""
+    torch.manual_seed(0)
+    row = rows(ReadsLabels(8), tabular())["target_leakage"]
+    assert row.status is Status.FAIL, row.message
+    assert row.verdicts[0].data["fed_label_logprob_rise"] > 0.2
+
+
+def test_margin_head_reading_labels_is_no_leak():
+    """An ArcFace-style head reads the labels to make the true class harder: not a copier."""
+    torch.manual_seed(0)
+    row = rows(ArcFaceClassifier(8), tabular())["target_leakage"]
+    assert row.status is Status.PASS, row.message
+    assert row.verdicts[0].data["output_changed"] and row.verdicts[0].data["fed_label_logprob_rise"] < 0
+
+
 @pytest.mark.parametrize("norm", [True, False], ids=["batchnorm-dropout", "plain"])
 def test_healthy_tabular_classifier(norm):
     x, y = tabular()
@@ -404,3 +422,12 @@ def test_position_ids_as_long_as_the_batch_are_not_samples():
     report = run_preflight(AttentionLM(vocab, mask="causal"), (x, y), checks=["batch_independence", "causal_leakage"])
     assert report["batch_independence"].status is Status.PASS, report["batch_independence"].message
     assert report["causal_leakage"].status is Status.PASS
+
+
+def test_outputs_with_nan_compare_without_error():
+    """An exploding model's outputs hold NaN/Inf: comparing them must not fail the check."""
+    from flightcheck.preflight.leakage import _same_outputs
+
+    a = torch.tensor([1.0, float("nan"), float("inf")])
+    assert _same_outputs([a], [a.clone()])
+    assert not _same_outputs([a], [torch.tensor([2.0, float("nan"), float("inf")])])

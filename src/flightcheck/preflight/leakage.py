@@ -53,6 +53,13 @@ TARGET_LEAK_SHARE = 0.25
 FOLLOW_SHARE = 0.25
 #: ... and at least this far above how often the memorised predictions agree with them by chance.
 FOLLOW_MARGIN = 0.2
+#: For one label per sample: feeding a shuffled label must not raise that label's log-probability
+#: by this many nats on average. The measurement has no noise (same inputs, same random draws, only
+#: the labels differ): a model that does not read labels changes nothing (exactly 0), a head that
+#: reads them to push the true class down (ArcFace/CosFace margins) goes negative; a classifier
+#: that leans towards the label it is handed reads its answer, however little it has learned to
+#: rely on it within the overfit budget. 0.2 nats (x1.22) leaves room for float rounding only.
+FED_LABEL_RISE = 0.2
 #: Shuffling must change at least this fraction of the target entries to say anything.
 MIN_CHANGED = 0.2
 #: Outputs within this relative tolerance with real and shuffled targets are "unchanged".
@@ -173,6 +180,7 @@ def judge_target_leakage(
     output_changed: bool,
     follows: float | None = None,
     chance: float | None = None,
+    rise: float | None = None,
 ) -> Verdict | None:
     """The fitted model's loss with shuffled targets against its loss with the real ones.
 
@@ -185,6 +193,9 @@ def judge_target_leakage(
         follows: for classification, the share of changed entries where the prediction with
             shuffled targets is the shuffled target (a copier follows them);
         chance: ... the same share for the prediction with the real targets (agreement by chance).
+        rise: for one class label per sample, the mean rise of the fed (shuffled) label's
+            log-probability: zero for a model that does not read labels, negative for one that
+            reads them to push them down (an ArcFace-style margin), positive for a copier.
     """
     data = {
         "target": target_name,
@@ -195,6 +206,7 @@ def judge_target_leakage(
         "output_changed": output_changed,
         "follows_shuffled": follows,
         "chance_agreement": chance,
+        "fed_label_logprob_rise": rise,
     }
     if not output_changed:
         if math.isfinite(shuffled) and abs(shuffled - fitted) <= 1e-6 * max(abs(fitted), 1e-12):
@@ -216,13 +228,20 @@ def judge_target_leakage(
     share = (shuffled - fitted) / (changed * gain)
     data["loss_rise_share"] = share
     following = follows is not None and chance is not None and follows >= FOLLOW_SHARE and follows - chance >= FOLLOW_MARGIN
-    if share < TARGET_LEAK_SHARE or following:
-        how = (
-            f"its predictions follow the shuffled {target_name} on {follows:.0%} of the changed entries"
-            if following
-            else f"it does about as well with {target_name} shuffled ({changed:.0%} of entries changed) as with "
-            "the real one"
-        )
+    pulled = rise is not None and rise >= FED_LABEL_RISE
+    if share < TARGET_LEAK_SHARE or following or pulled:
+        if following:
+            how = f"its predictions follow the shuffled {target_name} on {follows:.0%} of the changed entries"
+        elif pulled:
+            how = (
+                f"feeding it a shuffled label raises that label's probability {math.exp(rise):.2f}-fold on average: "
+                "its answers lean towards whatever label it is given"
+            )
+        else:
+            how = (
+                f"it does about as well with {target_name} shuffled ({changed:.0%} of entries changed) as with "
+                "the real one"
+            )
         return Verdict(
             "target_leakage",
             "error",
@@ -273,7 +292,7 @@ def _same_outputs(a: list[Tensor], b: list[Tensor]) -> bool:
     for x, y in zip(a, b):
         if x.shape != y.shape:
             return False
-        scale = float(x.abs().max()) if x.numel() else 0.0
+        scale = float(torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0).abs().max()) if x.numel() else 0.0
         if not torch.allclose(x, y, rtol=SAME_OUTPUT_RTOL, atol=SAME_OUTPUT_RTOL * max(scale, 1e-12), equal_nan=True):
             return False
     return True
@@ -287,18 +306,25 @@ def _seeded_evaluate(ctx: PreflightContext, batch: Any) -> tuple[Any, list[Tenso
     return record, capture.outputs
 
 
-def _following(real: Tensor, shuffled: Tensor, target: Tensor, shuffled_target: Tensor) -> tuple[float | None, float | None]:
-    """How often the predictions with shuffled targets are the shuffled targets, and how often the
-    predictions with the real targets are (chance), over the entries the shuffle changed."""
+def _following(
+    real: Tensor, shuffled: Tensor, target: Tensor, shuffled_target: Tensor
+) -> tuple[float | None, float | None, float | None]:
+    """Over the entries the shuffle changed: how often the prediction with shuffled targets is the
+    shuffled target, how often the prediction with the real targets is (chance), and the mean
+    rise of the shuffled target's log-probability when it is fed in place of the real one."""
     a, b = align_classes(real, target), align_classes(shuffled, shuffled_target)
     if a is None or b is None or a[0].shape != b[0].shape:
-        return None, None
+        return None, None, None
     changed = (a[1] != b[1]) & (a[1] != IGNORE_INDEX) & (b[1] != IGNORE_INDEX)
     if int(changed.sum()) < 8:
-        return None, None
+        return None, None, None
     follows = (b[0].argmax(dim=-1) == b[1])[changed].float().mean()
     chance = (a[0].argmax(dim=-1) == b[1])[changed].float().mean()
-    return float(follows), float(chance)
+    fed = b[1][changed].long().unsqueeze(1)
+    rise = (
+        b[0][changed].float().log_softmax(-1).gather(1, fed) - a[0][changed].float().log_softmax(-1).gather(1, fed)
+    ).mean()
+    return float(follows), float(chance), float(rise)
 
 
 @register(
@@ -329,9 +355,11 @@ def target_leakage(ctx: PreflightContext) -> Iterator[Verdict]:
     generator = torch.Generator().manual_seed(_SHUFFLE_SEED)
     shuffled_target, changed = shuffled_targets(target, generator)
     shuffled, shuffled_out = _seeded_evaluate(ctx, ctx.replaced({ctx.target_path: shuffled_target}))
-    follows = chance = None
+    follows = chance = rise = None
     if ctx.task.is_classification and real.output is not None and shuffled.output is not None:
-        follows, chance = _following(real.output, shuffled.output, target, shuffled_target)
+        follows, chance, rise = _following(real.output, shuffled.output, target, shuffled_target)
+        if target.numel() != target.shape[0]:
+            rise = None  # sequences: a decoder fed gibberish grows less sure of everything, fed tokens included
     verdict = judge_target_leakage(
         name,
         initial,
@@ -341,6 +369,7 @@ def target_leakage(ctx: PreflightContext) -> Iterator[Verdict]:
         output_changed=not _same_outputs(real_out, shuffled_out),
         follows=follows,
         chance=chance,
+        rise=rise,
     )
     if verdict is not None:
         yield verdict
