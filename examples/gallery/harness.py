@@ -36,17 +36,12 @@ def fast_default() -> bool:
     return os.environ.get(FAST_ENV, "").strip().lower() not in ("", "0", "false", "no")
 
 
-def clusters(
-    num_classes: int = 4, dim: int = 16, n_train: int = 1024, n_val: int = 256, separation: float = 4.0, seed: int = 0
-):
+def clusters(num_classes: int = 4, dim: int = 16, n_train: int = 1024, n_val: int = 256, seed: int = 0):
     """Gaussian clusters with a known answer (``flightcheck.synthetic``): ``(x, y), (x_val, y_val)``.
 
-    At the default separation a working two-layer MLP reaches about 95% validation accuracy on
-    them in one epoch.
+    A working two-layer MLP reaches about 95% validation accuracy on them in one epoch.
     """
-    dm = GaussianClusters(
-        num_classes=num_classes, dim=dim, separation=separation, n_train=n_train, n_val=n_val, seed=seed
-    )
+    dm = GaussianClusters(num_classes=num_classes, dim=dim, n_train=n_train, n_val=n_val, seed=seed)
     return dm.train_set.tensors, dm.val_set.tensors
 
 
