@@ -19,7 +19,7 @@ function with every new finding, on global rank 0 only, so one process sends eac
 The run here reads a data feed in which about 1% of the records arrive in the wrong units (a
 sensor that reports millivolts instead of volts). The pre-flight looks at one batch, without
 such a record, and passes; the damage comes later, whenever a bad record is drawn, and the
-alerts arrive as it happens, not at the end. Runs in about ten seconds on a CPU; ``--fast``
+alerts arrive as it happens, not at the end. Runs in well under a minute on a CPU; ``--fast``
 (or ``FLIGHTCHECK_EXAMPLES_FAST=1``) runs fewer epochs.
 """
 
