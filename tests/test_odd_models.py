@@ -400,6 +400,32 @@ def test_integer_token_inputs(tmp_path):
     _fit(tmp_path, TokenClassifier(), (train, val))
 
 
+class Batches:
+    """A user's own iterable of batches (not a DataLoader, not a Dataset), re-iterable per epoch."""
+
+    def __init__(self, x, y, batch_size=32):
+        self.x, self.y, self.batch_size = x, y, batch_size
+        self.epochs = 0
+
+    def __len__(self):
+        return len(self.x) // self.batch_size
+
+    def __iter__(self):
+        self.epochs += 1
+        for i in range(len(self)):
+            s = slice(i * self.batch_size, (i + 1) * self.batch_size)
+            yield self.x[s], self.y[s]
+
+
+def test_a_plain_iterable_of_batches(tmp_path):
+    (x, y), (vx, vy) = _data()
+    train = Batches(x, y)
+    trainer = _fit(tmp_path, TinyClassifier(), (train, Batches(vx, vy)))
+    assert trainer.global_step == 24
+    preflight = _callback(trainer, "Preflight").last_report
+    assert {r.check: r.status.value for r in preflight.rows}["split_overlap"] == "skipped"
+
+
 # ---------------------------------------------------------------------- what training_step returns
 class ReturnsDict(TinyClassifier):
     def training_step(self, batch, batch_idx):

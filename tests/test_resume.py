@@ -148,6 +148,8 @@ def straight(tmp_path_factory):
 def test_the_straight_run_finds_both_seeded_bugs(straight):
     rows, _, _ = straight[None]
     found = {(r["check"], r["target"]): r["step"] for r in rows}
+    assert ("internal_error", "preflight.split_overlap") not in found  # a plain iterable loader is not read
+    assert "internal_error" not in {r["check"] for r in rows}, found
     assert found[("gradient_flow", "no_optimizer")] == 0  # pre-flight
     assert found[("update_ratio", "temperature")] < JUMP_AT  # first half: never updated
     late = [(r["source"], r["check"]) for r in rows if r["step"] > JUMP_AT]

@@ -196,6 +196,12 @@ def hash_split(
     :class:`Unhashable` when reading the same samples twice gives different contents.
     """
     began = time.perf_counter()
+    if not isinstance(data, (DataLoader, Dataset)):
+        # a user's own iterable of batches: it cannot be copied, and reading it would move it on
+        raise Unhashable(
+            f"the data is a {type(data).__name__}, neither a DataLoader nor a Dataset: it is not read, so that "
+            "training gets it untouched"
+        )
     budget = _budget(data, batches)
     with preserved_rng():
         mapped = _map_style(data)
