@@ -391,3 +391,43 @@ class ArcFaceClassifier(pl.LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+
+class WordLanguageModel(pl.LightningModule):
+    """PyTorch's word_language_model, wrapped: time-major (T, B) batches, targets flattened to
+    (T * B,), nn.TransformerEncoder with batch_first=False and a square subsequent mask (or an
+    LSTM), logits flattened to (T * B, vocab)."""
+
+    def __init__(self, vocab: int, kind: str = "transformer", has_mask: bool = True, dim: int = 32) -> None:
+        super().__init__()
+        self.kind, self.has_mask = kind, has_mask
+        self.encoder = nn.Embedding(vocab, dim)
+        if kind == "transformer":
+            layer = nn.TransformerEncoderLayer(dim, 2, 64, dropout=0.2)
+            self.body = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        else:
+            self.body = nn.LSTM(dim, dim, 2, dropout=0.2, bidirectional=not has_mask)
+        self.decoder = nn.Linear(dim * (2 if kind == "lstm" and not has_mask else 1), vocab)
+
+    def forward(self, src):
+        emb = self.encoder(src) * math.sqrt(self.encoder.embedding_dim)
+        if self.kind == "transformer":
+            mask = nn.Transformer.generate_square_subsequent_mask(len(src)) if self.has_mask else None
+            out = self.body(emb, mask)
+        else:
+            out = self.body(emb)[0]
+        return F.log_softmax(self.decoder(out), dim=-1).view(-1, self.decoder.out_features)
+
+    def training_step(self, batch, batch_idx):
+        data, targets = batch
+        return F.nll_loss(self(data), targets)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=1.0)
+
+
+def time_major_batch(ids: torch.Tensor, bptt: int = 20, batch: int = 8):
+    """batchify + get_batch from the example: columns are independent streams."""
+    n = ids.size(0) // batch
+    data = ids[: n * batch].view(batch, -1).t().contiguous()  # (time, batch)
+    return data[:bptt], data[1 : 1 + bptt].reshape(-1)

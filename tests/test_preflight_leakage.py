@@ -431,3 +431,17 @@ def test_outputs_with_nan_compare_without_error():
     a = torch.tensor([1.0, float("nan"), float("inf")])
     assert _same_outputs([a], [a.clone()])
     assert not _same_outputs([a], [torch.tensor([2.0, float("nan"), float("inf")])])
+
+
+@pytest.mark.parametrize("kind", ["transformer", "lstm"])
+def test_time_major_word_language_model(kind):
+    """PyTorch's word_language_model layout: (time, batch) inputs and flattened targets."""
+    from .leakage_models import WordLanguageModel, char_tokens, time_major_batch
+
+    ids, vocab = char_tokens()
+    batch = time_major_batch(ids)
+    healthy = rows(WordLanguageModel(vocab, kind, has_mask=True), batch)["causal_leakage"]
+    assert healthy.status is Status.PASS, healthy.message
+    leaky = rows(WordLanguageModel(vocab, kind, has_mask=False), batch)["causal_leakage"]
+    assert leaky.status is Status.FAIL, leaky.message
+    assert "time-major" in leaky.message and leaky.verdicts[0].data["future_positions"][0] == 1

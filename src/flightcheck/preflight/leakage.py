@@ -413,9 +413,9 @@ class SequenceSource:
 def next_token_relation(inputs: Tensor, target: Tensor) -> str | None:
     """``"shifted"`` when the target is the input one position ahead along dim 1, ``"equal"`` when
     it is the input itself (models that shift inside), else ``None``."""
-    if inputs.dim() < 2 or inputs.shape[:2] != target.shape[:2] or inputs.shape[1] < 3:
+    if inputs.dim() < 2 or inputs.shape != target.shape or inputs.shape[1] < 3:
         return None
-    if inputs.shape != target.shape or is_integer(inputs) != is_integer(target):
+    if is_integer(inputs) != is_integer(target):
         return None
     for relation, a, b in (("shifted", inputs[:, 1:], target[:, :-1]), ("equal", inputs, target)):
         same = a == b
@@ -431,29 +431,51 @@ def next_token_relation(inputs: Tensor, target: Tensor) -> str | None:
     return None
 
 
-def sequence_sources(ctx: PreflightContext) -> tuple[list[SequenceSource], str]:
-    """The batch's sequence tensors with their offsets, and how the batch was recognised."""
+def next_token_layout(inputs: Tensor, target: Tensor) -> tuple[str, int] | None:
+    """``(relation, time_axis)`` for a next-token pair: batch-first ``(batch, time, ...)`` (time
+    axis 1), or time-major ``(time, batch, ...)`` (time axis 0, as in PyTorch's word language
+    model, whose targets are often flattened to ``(time * batch,)``)."""
+    if inputs.dim() < 2:
+        return None
+    if target.shape != inputs.shape:
+        if target.dim() == 1 and target.numel() == inputs.numel() and inputs.dim() == 2:
+            target = target.reshape(inputs.shape)
+        else:
+            return None
+    relation = next_token_relation(inputs, target)
+    if relation is not None:
+        return relation, 1
+    relation = next_token_relation(inputs.transpose(0, 1), target.transpose(0, 1))
+    if relation is not None:
+        return relation, 0
+    return None
+
+
+def sequence_sources(ctx: PreflightContext) -> tuple[list[SequenceSource], str, int]:
+    """The batch's sequence tensors with their offsets, how the batch was recognised, and its
+    time axis (1 for ``(batch, time, ...)``, 0 for ``(time, batch, ...)``)."""
     declared = ctx.options.causal
     target = ctx.target
     candidates = [(p, t) for p, t in ctx.inputs if t.dim() >= 2 and (is_integer(t) or torch.is_floating_point(t))]
     if target is not None:
         for path, t in candidates:
-            relation = next_token_relation(t, target)
-            if relation is not None:
+            layout = next_token_layout(t, target)
+            if layout is not None:
+                relation, axis = layout
                 how = (
                     f"{ctx.target_name} is {path_str(path)} one position ahead"
                     if relation == "shifted"
                     else f"{ctx.target_name} equals {path_str(path)} (the model shifts it)"
-                )
+                ) + ("; time-major batch" if axis == 0 else "")
                 sources = [SequenceSource(path, t, 0)]
-                if ctx.target_path is not None:
+                if ctx.target_path is not None and target.shape == t.shape:
                     sources.append(SequenceSource(ctx.target_path, target, 1 if relation == "shifted" else 0))
-                return sources, how
+                return sources, how, axis
     if declared:
         if not candidates:
             raise Skip("causal=True, but the batch has no tensor with a time axis (batch, time, ...)")
         path, t = candidates[0]
-        return [SequenceSource(path, t, 0)], f"causal=True (sequence {path_str(path)})"
+        return [SequenceSource(path, t, 0)], f"causal=True (sequence {path_str(path)})", 1
     if target is None:
         raise Skip("no target in the batch to recognise a next-token problem (declare it with causal=True)")
     raise Skip(
@@ -474,16 +496,21 @@ class _CausalProbe:
 
     Float sequences become leaves in the batch itself; token ids are followed through the outputs
     of ``nn.Embedding`` layers fed (a slice of) a source tensor. Every module's output that has the
-    batch and time axes first is recorded, in the order the modules finished, to find the first
-    that depends on the future.
+    batch and time axes first (or time then batch, for a time-major batch) is recorded, in the
+    order the modules finished, to find the first that depends on the future. Everything read
+    back is put in ``(batch, time, ...)`` order.
     """
 
-    def __init__(self, module: nn.Module, batch_size: int, sources: list[SequenceSource]) -> None:
-        self.module, self.batch_size, self.sources = module, batch_size, sources
+    def __init__(self, module: nn.Module, batch_size: int, sources: list[SequenceSource], time_axis: int = 1) -> None:
+        self.module, self.batch_size, self.sources, self.time_axis = module, batch_size, sources, time_axis
         self.leaves: list[_Leaf] = []
         self.recorded: list[tuple[str, nn.Module, Tensor]] = []
         self.top: list[tuple[str, Tensor]] = []
         self._handles: list[Any] = []
+
+    def bt(self, t: Tensor) -> Tensor:
+        """``t`` in ``(batch, time, ...)`` order (a view)."""
+        return t if self.time_axis == 1 else t.transpose(0, 1)
 
     def leafed_batch(self, batch: Any) -> Any:
         floats = {s.path: s for s in self.sources if torch.is_floating_point(s.tensor)}
@@ -517,16 +544,21 @@ class _CausalProbe:
 
     def _shift_of(self, ids: Tensor) -> tuple[int, str] | None:
         b = self.batch_size
-        if ids.dim() < 2 or ids.shape[0] != b:
+        if ids.dim() < 2:
+            return None
+        ids = self.bt(ids)
+        if ids.shape[0] != b:
             return None
         length = ids.shape[1]
         for source in self.sources:
-            s = source.tensor
-            if not is_integer(s) or s.dim() != ids.dim() or s.shape[0] != b:
+            if not is_integer(source.tensor) or source.tensor.dim() != ids.dim():
+                continue
+            s = self.bt(source.tensor)
+            if s.shape[0] != b:
                 continue
             for k in (0, 1):
                 if k + length <= s.shape[1] and torch.equal(ids, s[:, k : k + length]):
-                    return k + source.offset, path_str(source.path) + ("[:, 1:]" if k else "")
+                    return k + source.offset, path_str(source.path) + (" from position 1" if k else "")
         return None
 
     def _embedding(self, _m: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor | None:
@@ -542,8 +574,11 @@ class _CausalProbe:
 
     def _record(self, name: str) -> Any:
         def hook(m: nn.Module, _args: Any, output: Any) -> None:
-            t = primary_tensor(output, self.batch_size)
-            if t is not None and t.requires_grad and t.dim() >= 2:
+            t = primary_tensor(output, self.batch_size if self.time_axis == 1 else None)
+            if t is None or not t.requires_grad or t.dim() < 2:
+                return
+            t = self.bt(t)
+            if t.shape[0] == self.batch_size:
                 self.recorded.append((name, m, t))
 
         return hook
@@ -563,10 +598,13 @@ class _CausalProbe:
         if out is None or out.dim() < 2:
             return None
         b = self.batch_size
-        if out.shape[0] == b:
-            return out
+        if self.bt(out).shape[0] == b:
+            return self.bt(out)
         if out.shape[0] % b == 0 and out.shape[0] // b >= 2:  # logits flattened to (batch * time, vocab)
-            return out.reshape(b, out.shape[0] // b, *out.shape[1:])
+            steps = out.shape[0] // b
+            if self.time_axis == 1:
+                return out.reshape(b, steps, *out.shape[1:])
+            return out.reshape(steps, b, *out.shape[1:]).transpose(0, 1)
         return None
 
 
@@ -637,7 +675,7 @@ def _locate(probe: Any, shifts: list[int], leaves_: list[Tensor], position: int,
         if t.shape[1] != length:
             continue
         grads = torch.autograd.grad(t[0, position].float().sum(), leaves_, allow_unused=True, retain_graph=True)
-        if future_dependence(list(grads), shifts, position)[0]:
+        if future_dependence([None if g is None else probe.bt(g) for g in grads], shifts, position)[0]:
             return f"{name} ({type(module).__name__})"
     return None
 
@@ -654,15 +692,14 @@ class CausalMeasure:
     depends: bool  # the output depends on the inputs at all
 
 
-def measure_causal_leakage(ctx: PreflightContext, sources: list[SequenceSource]) -> CausalMeasure:
+def measure_causal_leakage(ctx: PreflightContext, sources: list[SequenceSource], time_axis: int = 1) -> CausalMeasure:
     """Probe the output at a few positions (0, 1, a quarter, a half, the last but one) for
     dependence on later positions, and locate the first module that sees the future."""
     module = ctx.module
-    batch_size = ctx.batch_size
-    assert batch_size is not None
+    batch_size = int(sources[0].tensor.shape[1 - time_axis])
     with modes_preserved(module), torch.enable_grad(), _cudnn_off():
         module.eval()
-        probe = _CausalProbe(module, batch_size, sources)
+        probe = _CausalProbe(module, batch_size, sources, time_axis)
         batch = probe.leafed_batch(ctx.batch)
         ctx.evaluate(batch, probe.installed())
         if not probe.leaves:
@@ -673,13 +710,14 @@ def measure_causal_leakage(ctx: PreflightContext, sources: list[SequenceSource])
         length = out.shape[1]
         leaves_ = [leaf.tensor for leaf in probe.leaves]
         shifts = [leaf.shift for leaf in probe.leaves]
+        in_order = probe.bt
         fed = sorted({leaf.name for leaf in probe.leaves if leaf.shift > 0})
         depends = False
         for position in sorted({0, 1, length // 4, length // 2, length - 2}):
             if not 0 <= position < length - 1:
                 continue
             grads = torch.autograd.grad(out[0, position].float().sum(), leaves_, allow_unused=True, retain_graph=True)
-            future, top = future_dependence(list(grads), shifts, position)
+            future, top = future_dependence([None if g is None else in_order(g) for g in grads], shifts, position)
             depends = depends or top > 0
             if future:
                 where = _locate(probe, shifts, leaves_, position, length)
@@ -695,13 +733,11 @@ def measure_causal_leakage(ctx: PreflightContext, sources: list[SequenceSource])
 def causal_leakage(ctx: PreflightContext) -> Iterator[Verdict]:
     if ctx.options.causal is False:
         raise Skip("switched off with causal=False")
-    if ctx.batch_size is None:
-        raise Skip("the batch's tensors do not share a leading batch dimension")
-    sources, how = sequence_sources(ctx)
-    measure = measure_causal_leakage(ctx, sources)
+    sources, how, time_axis = sequence_sources(ctx)
+    measure = measure_causal_leakage(ctx, sources, time_axis)
     if not measure.depends:
         ctx.overfit  # noqa: B018 - e.g. a zero-initialised output layer: no dependence until it has trained
-        measure = measure_causal_leakage(ctx, sources)
+        measure = measure_causal_leakage(ctx, sources, time_axis)
         if not measure.depends:
             raise Skip("the output does not depend on the sequence inputs through a differentiable path")
     if measure.position is not None:
@@ -717,6 +753,7 @@ __all__ = [
     "judge_copied_features",
     "judge_target_leakage",
     "measure_causal_leakage",
+    "next_token_layout",
     "next_token_relation",
     "sequence_sources",
     "shuffled_targets",
