@@ -1,9 +1,15 @@
-"""flightcheck under DDP: two CPU processes (gloo, forked), as a user would run them.
+"""flightcheck under DDP and FSDP2: two CPU processes (gloo, forked), as a user would run them.
 
 Each run happens in a watchdog process with a time limit, so a hang fails the test instead
 of freezing the suite; the gloo timeout is short too, so a collective that one rank never
 joins raises instead of waiting for half an hour. Every rank writes what its callbacks saw
 to a JSON file; the tests compare the ranks.
+
+DDP runs use Lightning's ``ddp_fork``. The sharded runs use ``ModelParallelStrategy`` with
+``fully_shard`` (FSDP2, ``DTensor`` parameters), the FSDP Lightning runs on CPU: its
+``FSDPStrategy`` (FSDP1) refuses ``accelerator="cpu"``, and torch's FSDP1 needs an
+accelerator. ``ModelParallelStrategy`` launches ranks by re-running the script, which
+pytest cannot be, so the two ranks are forked here with the environment a launcher sets.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import math
 import multiprocessing
 import os
 import signal
+import socket
 import time
 import traceback
 
@@ -32,6 +39,7 @@ from flightcheck.callbacks.gradient_monitor import GradientMonitor
 from flightcheck.callbacks.nonfinite_guard import NonFiniteGuard
 from flightcheck.callbacks.prediction_stability import PredictionStability
 from flightcheck.callbacks.preflight import Preflight
+from flightcheck.signals.norms import is_dtensor, shard_weights, sum_over_ranks
 from tests.conftest import TinyClassifier, cluster_data, loader, make_trainer
 
 pytestmark = pytest.mark.skipif(
@@ -48,17 +56,29 @@ BAD_STEP = 2
 
 
 # ---------------------------------------------------------------------- running two ranks
-class RankRecorder(pl.Callback):
-    """Writes, per rank, the weights after every step and what each flightcheck callback saw."""
+def _whole(t):
+    return t.full_tensor() if is_dtensor(t) else t  # a collective for a DTensor: every rank calls it
 
-    def __init__(self, folder: str) -> None:
+
+class RankRecorder(pl.Callback):
+    """Writes, per rank, the weights after every step, the whole model's gradient norm before
+    it, and what each flightcheck callback saw."""
+
+    def __init__(self, folder: str, launcher: int) -> None:
         self.folder = folder
-        self.launcher = os.getpid()
+        self.launcher = launcher  # the process that started the ranks
         self.steps: list[list] = []
+        self.grad_norms: list[float] = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        grads = [_whole(p.grad).detach() for p in pl_module.parameters() if p.grad is not None]
+        # none left when NonFiniteGuard dropped the step's update
+        self.grad_norms.append(float(torch.stack([g.norm() for g in grads]).norm()) if grads else math.nan)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        weights = [p.detach().double().numpy().tobytes() for p in pl_module.parameters()]
-        finite = all(torch.isfinite(p).all() for p in pl_module.parameters())
+        params = [_whole(p).detach() for p in pl_module.parameters()]
+        weights = [p.double().numpy().tobytes() for p in params]
+        finite = all(torch.isfinite(p).all() for p in params)
         self.steps.append([trainer.global_step, hashlib.sha1(b"".join(weights)).hexdigest(), bool(finite)])
 
     def on_train_end(self, trainer, pl_module):
@@ -85,33 +105,72 @@ class RankRecorder(pl.Callback):
             "should_stop": trainer.should_stop,
             "error": None if exception is None else f"{type(exception).__name__}: {exception}",
             "steps": self.steps,
+            "grad_norms": self.grad_norms,
+            "names": [n for n, _ in trainer.lightning_module.named_parameters()],
             "callbacks": callbacks,
         }
         with open(os.path.join(self.folder, f"rank{trainer.global_rank}.json"), "w") as f:
             json.dump(record, f, default=str)
 
 
-def run_two_ranks(tmp_path, model, callbacks, *, max_steps=6, batch_size=16, **trainer_kwargs):
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_two_ranks(tmp_path, model, callbacks, *, max_steps=6, batch_size=16, sharded=False, **trainer_kwargs):
     """Fit ``model`` on two forked CPU ranks; returns ``(error, [rank 0 record, rank 1 record])``.
 
     The fit runs in a child process in its own process group, so that a hang (in either rank)
-    is ended by killing that group and reported as a failure.
+    is ended by killing that group and reported as a failure. ``sharded``: FSDP2 through
+    ``ModelParallelStrategy`` (the model shards itself in ``configure_model``), else DDP.
     """
     folder = str(tmp_path)
     data = loader(*cluster_data(n=128), batch_size=batch_size, shuffle=False)
+    limit = datetime.timedelta(seconds=COLLECTIVE_LIMIT)
+
+    def trainer_for(strategy, devices, launcher):
+        kwargs = dict(max_steps=max_steps, max_epochs=None, strategy=strategy, devices=devices, deterministic=False)
+        kwargs.update(trainer_kwargs)
+        return make_trainer(tmp_path, [*callbacks, RankRecorder(folder, launcher)], **kwargs)
+
+    def write_error(name: str, err: BaseException) -> None:
+        with open(os.path.join(folder, name), "w") as f:
+            f.write(f"{type(err).__name__}: {err}\n{traceback.format_exc()}")
+
+    def sharded_rank(rank: int, port: int, launcher: int) -> None:
+        # what a launcher (torchrun, SLURM) sets: Lightning then starts no processes itself
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", NODE_RANK="0",
+                          RANK=str(rank), LOCAL_RANK=str(rank))
+        code = 0
+        try:
+            from lightning.pytorch.strategies import ModelParallelStrategy
+
+            strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1, timeout=limit)
+            trainer_for(strategy, 2, launcher).fit(model, data)
+        except BaseException as err:  # noqa: BLE001 - handed to the test
+            write_error(f"error{rank}.txt", err)
+            code = 1
+        os._exit(code)
 
     def fit() -> None:
         os.setsid()
         code = 0
         try:
-            strategy = DDPStrategy(start_method="fork", timeout=datetime.timedelta(seconds=COLLECTIVE_LIMIT))
-            kwargs = dict(max_steps=max_steps, max_epochs=None, strategy=strategy, devices=2, deterministic=False)
-            kwargs.update(trainer_kwargs)
-            trainer = make_trainer(tmp_path, [*callbacks, RankRecorder(folder)], **kwargs)
-            trainer.fit(model, data)
+            if sharded:
+                port = _free_port()
+                ranks = [multiprocessing.get_context("fork").Process(target=sharded_rank, args=(r, port, os.getpid()))
+                         for r in (0, 1)]
+                for p in ranks:
+                    p.start()
+                for p in ranks:
+                    p.join()
+                code = max(p.exitcode or 0 for p in ranks)
+            else:
+                trainer_for(DDPStrategy(start_method="fork", timeout=limit), 2, os.getpid()).fit(model, data)
         except BaseException as err:  # noqa: BLE001 - handed to the test
-            with open(os.path.join(folder, "error.txt"), "w") as f:
-                f.write(f"{type(err).__name__}: {err}\n{traceback.format_exc()}")
+            write_error("error.txt", err)
             code = 1
         os._exit(code)
 
@@ -125,13 +184,13 @@ def run_two_ranks(tmp_path, model, callbacks, *, max_steps=6, batch_size=16, **t
         pytest.fail(f"the two-rank run did not end within {RUN_LIMIT} s: a hang")
     elapsed = time.monotonic() - began
     assert elapsed < COLLECTIVE_LIMIT, f"the run took {elapsed:.0f} s: a collective waited for its timeout"
-    error_file = os.path.join(folder, "error.txt")
-    error = open(error_file).read() if os.path.exists(error_file) else None
+    errors = [open(os.path.join(folder, name)).read() for name in ("error.txt", "error0.txt", "error1.txt")
+              if os.path.exists(os.path.join(folder, name))]
     records = []
     for rank in (0, 1):
         path = os.path.join(folder, f"rank{rank}.json")
         records.append(json.load(open(path)) if os.path.exists(path) else None)
-    return error, records
+    return "\n".join(errors) or None, records
 
 
 def findings_file_lines(tmp_path) -> list[dict]:
@@ -355,3 +414,121 @@ def test_gradient_monitor_reports_a_seeded_bug_once_with_norms_equal_on_both_ran
         assert len(flow) == 1 and flow[0]["data"]["zero_gradient"] == {"unused": ["unused"]}
     lines = findings_file_lines(tmp_path)
     assert [f["check"] for f in lines] == ["gradient_flow"]  # written by rank 0 only: once, not once per rank
+
+
+# ---------------------------------------------------------------------- sharded training (FSDP2)
+def _fully_shard():
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError:
+        try:
+            from torch.distributed._composable.fsdp import fully_shard  # torch 2.4, 2.5
+        except ImportError:
+            return None
+    return fully_shard
+
+
+def _no_fsdp2() -> str | None:
+    """Why no sharded run can happen here, or ``None``."""
+    try:
+        from lightning.pytorch.strategies import ModelParallelStrategy  # noqa: F401 - lightning >= 2.4
+    except ImportError:
+        return "Lightning's ModelParallelStrategy (FSDP2 on CPU) needs lightning >= 2.4"
+    if _fully_shard() is None:
+        return "torch's fully_shard (FSDP2) needs torch >= 2.4"
+    return None
+
+
+class ShardedClassifier(NaNOnRank1):
+    """Sharded with FSDP2 (each Linear, then the whole), with a parameter whose gradient is
+    always zero (the seeded bug), and a loss that turns NaN on rank 1 at one step."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.unused = nn.Parameter(torch.ones(4))
+
+    def configure_model(self):
+        fully_shard, mesh = _fully_shard(), self.device_mesh["data_parallel"]
+        for layer in self.net:
+            if isinstance(layer, nn.Linear):
+                fully_shard(layer, mesh=mesh)
+        fully_shard(self, mesh=mesh)
+
+    def training_step(self, batch, batch_idx):
+        return super().training_step(batch, batch_idx) + 0.0 * self.unused.sum()
+
+
+@pytest.mark.skipif(_no_fsdp2() is not None, reason=_no_fsdp2() or "")
+def test_fsdp2_norms_are_the_whole_models_and_ranks_agree(tmp_path):
+    callbacks = [GradientMonitor(flow_after_steps=4), NonFiniteGuard(action="skip"),
+                 PredictionStability(every_n_steps=2)]
+    error, records = run_two_ranks(tmp_path, ShardedClassifier(), callbacks, max_steps=8, batch_size=8,
+                                   sharded=True, log_every_n_steps=2)
+    assert error is None, error
+    for record in records:
+        assert record["global_step"] == 8
+        assert record["names"] == ["unused", "net.0.weight", "net.0.bias", "net.2.weight", "net.2.bias"]
+        # each rank held half of every tensor; the monitor judged the whole model's norms
+        whole = [n for n in record["grad_norms"] if math.isfinite(n)]
+        history = record["callbacks"]["gradient_monitor"]["state"]["history"]["total"]
+        assert len(whole) == 7 and history == pytest.approx(whole, rel=1e-5)
+        # the NaN of rank 1's loss: both ranks dropped that update
+        assert record["callbacks"]["nonfinite_guard"]["skipped_steps"] == 1
+        assert weights_after(record, BAD_STEP) == weights_after(record, BAD_STEP - 1)
+        assert all(finite for _, _, finite in record["steps"])
+        flow = of(record, "gradient_monitor", "gradient_flow")
+        assert len(flow) == 1 and flow[0]["data"]["zero_gradient"] == {"unused": ["unused"]}
+        assert not any(cb["failed"] for cb in record["callbacks"].values())
+    assert records[0]["steps"] == records[1]["steps"]
+    lines = findings_file_lines(tmp_path)
+    assert sorted(f["check"] for f in lines) == ["gradient_flow", "nonfinite"]
+    assert "rank 1" in next(f for f in lines if f["check"] == "nonfinite")["message"]
+
+
+class _MonitorFailingOnRank1(GradientMonitor):
+    def __init__(self, where, **kwargs):
+        super().__init__(**kwargs)
+        self.where = where
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if self.where == "before" and trainer.global_rank == 1 and trainer.global_step == 3:
+            raise RuntimeError("injected failure on rank 1 before a flush")
+        super().on_before_optimizer_step(trainer, pl_module, optimizer)
+
+    def _judge_series(self, lay, rows, step, progress):
+        if self.where == "after" and self._rank == 1 and step >= 3:
+            raise RuntimeError("injected failure on rank 1 after the reduction")
+        return super()._judge_series(lay, rows, step, progress)
+
+    def on_fit_start(self, trainer, pl_module):
+        self._rank = trainer.global_rank
+
+
+@pytest.mark.skipif(_no_fsdp2() is not None, reason=_no_fsdp2() or "")
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_fsdp2_gradient_monitor_failing_on_one_rank_steps_aside_on_both(tmp_path, where):
+    error, records = run_two_ranks(tmp_path, ShardedClassifier(at_step=-1), [_MonitorFailingOnRank1(where)],
+                                   max_steps=8, batch_size=8, sharded=True, log_every_n_steps=2)
+    assert error is None, error
+    assert all(r["global_step"] == 8 and r["callbacks"]["gradient_monitor"]["failed"] for r in records)
+    lines = [f for f in findings_file_lines(tmp_path) if f["check"] == "internal_error"]
+    assert len(lines) == 1 and "rank 1" in lines[0]["message"], lines
+
+
+def test_shard_weights_make_sums_over_ranks_whole_norms():
+    """The sharded-norm reduction without processes: HSDP on 4 ranks (2 replicas x 2 shards)."""
+    from torch.distributed.tensor import Replicate, Shard
+
+    from flightcheck.signals.norms import shard_count
+
+    x = torch.randn(6, 5)
+    placements, sizes, world = (Replicate(), Shard(0)), (2, 2), 4
+    shards = shard_count(placements, sizes)
+    assert shards == 2 and shard_count((Shard(0), Shard(1)), (2, 3)) == 6 and shard_count((Replicate(),), (8,)) == 1
+    held = [x.chunk(2)[rank % 2] for rank in range(world)]  # rank r holds shard r % 2 (each shard twice)
+    summed = sum(shards / world * float(part.norm()) ** 2 for part in held)
+    assert summed == pytest.approx(float(x.norm()) ** 2, rel=1e-6)
+    # nothing sharded (one process, DDP): nothing to reduce, and no collective outside a process group
+    assert shard_weights([torch.zeros(3)], world=4) is None and shard_weights([torch.zeros(3)], world=1) is None
+    values = torch.tensor([1.0, 2.0])
+    assert sum_over_ranks(values) is values and values.tolist() == [1.0, 2.0]

@@ -28,8 +28,12 @@ per-layer weight norms; every step of the interval is judged by
 - opt-in histograms under ``flightcheck/histograms/``.
 
 Under DDP every rank sees the same all-reduced gradients and weights and so reaches the same
-verdicts without communicating; only rank 0 writes. Under FSDP the norms would be of the
-local shard: not supported yet.
+verdicts without communicating; only rank 0 writes. Under sharded training (FSDP2, i.e.
+``ModelParallelStrategy`` with ``fully_shard``, or tensor parallelism: ``DTensor``
+parameters) each rank measures its own shards, on the device; at each flush the interval's
+squared norms are summed over the ranks (one ``all_reduce``, after one agreement between the
+ranks), so every rank judges the whole model's norms, under the parameters' unsharded
+names. FSDP1 (Lightning's ``FSDPStrategy``, flat parameters) is not supported.
 """
 
 from __future__ import annotations
@@ -49,9 +53,18 @@ from flightcheck.checks import Verdict
 from flightcheck.checks import gradients as judge
 from flightcheck.checks import modes as judge_modes
 from flightcheck.signals.layers import group_by_layer
-from flightcheck.signals.norms import foreach_norms, group_sums, step_grad_norms
+from flightcheck.signals.norms import (
+    foreach_norms,
+    group_sums,
+    is_dtensor,
+    local_shard,
+    shard_weights,
+    step_grad_norms,
+    sum_over_ranks,
+)
 from flightcheck.signals.robust import trailing_medians
 from flightcheck.signals.updates import DEFAULT_BLOCK_SIZE, UpdateSample
+from flightcheck.utils.distributed import world_size
 
 #: Rows of the device ring buffer are capped so that it stays under ~4 MiB of float32.
 _RING_ELEMENTS = 2**20
@@ -77,12 +90,15 @@ def _learning_rate(optimizer: Any) -> float:
 class _Layout:
     """What the monitor follows, fixed for a stretch of training: parameters, layers, optimizers."""
 
-    def __init__(self, pl_module: Any, optimizers: Sequence[Any], depth: int, block_size: int) -> None:
+    def __init__(self, pl_module: Any, optimizers: Sequence[Any], depth: int, block_size: int, world: int = 1) -> None:
         named = [(n, p) for n, p in pl_module.named_parameters() if p.requires_grad]
         self.names = [n for n, _ in named]
         self.params = [p for _, p in named]
         self.pos = {id(p): i for i, p in enumerate(self.params)}
-        self.device = self.params[0].device if self.params else torch.device("cpu")
+        # sharded training: each rank measures its shards, weighted so that sums over ranks are whole
+        self.shard_weight = shard_weights(self.params, world)
+        local = [local_shard(p) for p in self.params]
+        self.device = local[0].device if local else torch.device("cpu")
         self.layers, layer_of = group_by_layer(self.names, depth)
         self.L = len(self.layers)
         self.layer_of = layer_of
@@ -108,7 +124,7 @@ class _Layout:
         self.layer_slots = np.zeros((self.L, self.K + 1), dtype=bool)
         for i, k in enumerate(self.opt_of):
             self.layer_slots[layer_of[i], k] = True
-        self.sample = UpdateSample(self.params, self.names, block_size)
+        self.sample = UpdateSample(local, self.names, block_size)
         self.signature = self.signature_of(pl_module, optimizers)
         self.cache: collections.OrderedDict[Any, Any] = collections.OrderedDict()
         # One row per step: [grad² per layer | per optimizer] [Δw² per layer | per optimizer]
@@ -243,6 +259,7 @@ class GradientMonitor(FlightcheckCallback):
         self.weight_growth_factor = float(weight_growth_factor)
         self.flow_after_steps = flow_after_steps
         self._layout: _Layout | None = None
+        self._plan = _FlushPlan()
         self._pending_state: dict[str, Any] = {}
         self._batch_open = False
         self._meta: list[tuple[int, list[float], list[int]]] = []  # (step, learning rates, stepped slots)
@@ -349,7 +366,7 @@ class GradientMonitor(FlightcheckCallback):
     def _ensure_layout(self, trainer: Any, pl_module: Any) -> _Layout:
         if self._layout is None:
             lay = _Layout(pl_module, list(getattr(trainer, "optimizers", []) or []), self.depth,
-                          self.update_sample_size)
+                          self.update_sample_size, world_size(trainer))
             every = int(getattr(trainer, "log_every_n_steps", 0) or 0) or 50
             capacity = max(1, min(every, max(8, _RING_ELEMENTS // max(lay.row_len, 1))))
             self._layout = lay
@@ -386,6 +403,38 @@ class GradientMonitor(FlightcheckCallback):
                 self._no_grad_yet.discard(id(lay.params[i]))
             if r[2] > 0:
                 self._unsettled.discard(i)
+
+    def collective_due(self, hook: str, trainer: Any) -> int:
+        """Under sharded training each flush agrees once, then sums over the ranks. Which calls
+        flush is followed here from the trainer alone, the way the hooks decide it, so that a
+        rank whose copy failed (and runs no hook) still answers the next flush's agreement."""
+        plan = self._plan
+        if hook == "on_train_epoch_start":
+            plan.sharded = None  # layers may be unfrozen: look again
+            return 0
+        if hook == "on_before_optimizer_step":
+            if plan.sharded is None:
+                params = [p for p in trainer.lightning_module.parameters() if p.requires_grad]
+                plan.sharded = any(map(is_dtensor, params)) and shard_weights(params, world_size(trainer)) is not None
+            plan.due = (plan.due and plan.open) or logging_due(trainer)
+            plan.open = True
+            return 0
+        if not plan.sharded:
+            return 0
+        if hook == "on_train_batch_end":
+            if not plan.open:
+                return 0
+            plan.open, plan.rows = False, plan.rows + 1
+            ring = getattr(self, "_ring", None)
+            capacity = ring.shape[0] if ring is not None else int(getattr(trainer, "log_every_n_steps", 0) or 50)
+            if plan.due or plan.rows >= capacity:
+                plan.rows = 0
+                return 1
+            return 0
+        if hook in ("on_train_epoch_end", "on_train_end"):
+            due, plan.rows = plan.rows > 0, 0
+            return int(due)
+        return 0
 
     def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
         # Fine-tuning callbacks unfreeze layers and add param groups between epochs: follow them.
@@ -429,7 +478,8 @@ class GradientMonitor(FlightcheckCallback):
         if present:
             positions, _, _, pos_list = lay.indices(present)
             if self._flow_open:
-                self._grad_steps.index_add_(0, positions, foreach_norms([p.grad for p in present]).ne(0).float())
+                norms = foreach_norms([p.grad for p in present])
+                self._grad_steps.index_add_(0, positions, (norms.ne(0) & norms.isfinite()).float())
             if self._unsettled:
                 self._gather_evidence(lay, present, pos_list)
 
@@ -442,11 +492,13 @@ class GradientMonitor(FlightcheckCallback):
                 return
         norms = norms.to(lay.device) if norms.device != lay.device else norms
         sq = norms.square()
+        if lay.shard_weight is not None:
+            sq = sq * lay.shard_weight.index_select(0, positions)
         total = sq.sum()
         self._row[lay.G].index_add_(0, layers, sq)
         self._row[lay.GO.start + k].add_(total)
-        if self._flow_open:
-            self._grad_steps.index_add_(0, positions, norms.ne(0).float())
+        if self._flow_open:  # a NaN/Inf gradient is no evidence that gradient flows (NonFiniteGuard's business)
+            self._grad_steps.index_add_(0, positions, (norms.ne(0) & norms.isfinite()).float())
         self._steps_with_grads += 1
         if self._no_grad_yet:
             self._no_grad_yet.difference_update(map(id, params))
@@ -478,6 +530,8 @@ class GradientMonitor(FlightcheckCallback):
         assert lay is not None
         self._batch_open = False
         both = lay.sample.measure()  # rows: Δw², w² per tensor
+        if lay.shard_weight is not None:
+            both = both * lay.shard_weight
         updates = self._row[lay.D.start :].view(2, lay.L + lay.K + 1)  # zero until now
         updates[:, : lay.L].index_add_(1, lay.layer_index, both)
         updates[:, lay.L :].index_add_(1, lay.opt_index, both)
@@ -513,8 +567,18 @@ class GradientMonitor(FlightcheckCallback):
             return
         n, P, L = len(self._meta), len(lay.params), lay.L
         with torch.no_grad():
-            exact_w = group_sums(foreach_norms(lay.params).square(), lay.layer_index, L)
-            flat = torch.cat([self._ring[:n].reshape(-1), exact_w, self._grad_steps, self._hits, self._delta_max])
+            squares = foreach_norms(lay.params).square()
+            if lay.shard_weight is not None:
+                squares = squares * lay.shard_weight
+            sums = torch.cat([self._ring[:n].reshape(-1), group_sums(squares, lay.layer_index, L)])
+            per_param = torch.cat([self._grad_steps, self._hits, self._delta_max])
+            if lay.shard_weight is not None:
+                # Sharded: every figure so far is of this rank's shards. The ranks agree (a rank
+                # whose copy failed says so here), then add up the interval's squares: whole norms.
+                self.agree(trainer)
+                sum_over_ranks(sums)
+                sum_over_ranks(per_param, "max")  # counts and flags: any shard's evidence counts
+            flat = torch.cat([sums, per_param])
             host = flat.cpu().numpy().astype(np.float64)  # the one device-to-host transfer of the interval
         meta, self._meta = self._meta, []
         lay.sample.refresh()
@@ -779,9 +843,19 @@ class GradientMonitor(FlightcheckCallback):
         for j, ps in by_layer.items():  # one layer at a time: never a copy of every gradient at once
             name = lay.layers[j]
             writer.add_histogram(f"flightcheck/histograms/grad/{name}",
-                                 torch.cat([p.grad.detach().reshape(-1).float() for p in ps]), step)
+                                 torch.cat([local_shard(p.grad).detach().reshape(-1).float() for p in ps]), step)
             writer.add_histogram(f"flightcheck/histograms/weight/{name}",
-                                 torch.cat([p.detach().reshape(-1).float() for p in ps]), step)
+                                 torch.cat([local_shard(p).detach().reshape(-1).float() for p in ps]), step)
+
+
+class _FlushPlan:
+    """Where GradientMonitor's flushes fall, followed from the trainer (see ``collective_due``)."""
+
+    def __init__(self) -> None:
+        self.sharded: bool | None = None
+        self.open = False  # an optimizer step was taken in this batch
+        self.due = False  # ... on a logging step
+        self.rows = 0  # steps since the last flush
 
 
 def _progress(trainer: Any, step: int) -> float | None:

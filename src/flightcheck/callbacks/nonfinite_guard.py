@@ -87,7 +87,7 @@ from flightcheck.checks.nonfinite import (
 )
 from flightcheck.errors import NonFiniteError
 from flightcheck.findings import Finding
-from flightcheck.signals.norms import foreach_norms, step_grad_norms
+from flightcheck.signals.norms import foreach_norms, is_dtensor, step_grad_norms
 from flightcheck.utils import modes_preserved, preserved_rng, tensors_in
 from flightcheck.utils.batch import step_loss
 from flightcheck.utils.distributed import world_size
@@ -183,6 +183,7 @@ class NonFiniteGuard(FlightcheckCallback):
         self._norm_overflows: set[int] = set()
         self._grad_history: list[tuple[int, float]] = []
         self._remote_loss: str | None = None  # "rank 1": the rank whose loss went non-finite, not this one
+        self._forward_talks: str | None = None  # why a replay would take collectives (sharded model, SyncBatchNorm)
 
     # ------------------------------------------------------------------ hooks
     def collective_due(self, hook: str, trainer: Any) -> int:
@@ -193,6 +194,7 @@ class NonFiniteGuard(FlightcheckCallback):
         self._reset_run_state()
         self._scale = _LossScaleWatch()
         self._param_names = {id(p): n for n, p in pl_module.named_parameters()}
+        self._forward_talks = _forward_communicates(pl_module)
         every = max(1, int(getattr(trainer, "log_every_n_steps", 50) or 50))
         self._records.capacity = min(_MAX_ROWS, every * int(getattr(trainer, "accumulate_grad_batches", 1) or 1) + 2)
 
@@ -512,6 +514,9 @@ class NonFiniteGuard(FlightcheckCallback):
         if forced and not any(e.name != "loss (on another rank)" for e in now):
             return Origin("other_rank", fp16=fp16), None
         if pre_step and self.replay and now and self._window and not bad_weights:
+            if self._forward_talks and world_size(trainer) > 1:
+                # a forward that takes collectives, replayed on the ranks that saw the value only, would wait forever
+                return Origin("not_replayed", op=self._forward_talks, fp16=fp16), None
             return self._replay_window(trainer, pl_module, [e.name for e in now if e.kind == "gradient"], fp16)
         # No faithful replay: the batch-level record still tells whether the data held NaN/Inf then.
         first = min((e.step for e in harmful), default=None)
@@ -799,6 +804,19 @@ class _Replayed:
 
 
 # ---------------------------------------------------------------------- reading the trainer
+def _forward_communicates(pl_module: Any) -> str | None:
+    """Why the model's forward pass takes collectives (so replaying a batch on one rank alone
+    would wait for the others forever), or ``None``."""
+    if any(is_dtensor(p) for p in pl_module.parameters()):
+        return "the model is sharded (its forward gathers parameters from every rank)"
+    for m in pl_module.modules():
+        if isinstance(m, nn.SyncBatchNorm):
+            return "the model has SyncBatchNorm (its forward exchanges batch statistics between ranks)"
+        if type(m).__name__ == "FullyShardedDataParallel":
+            return "the model is sharded (its forward gathers parameters from every rank)"
+    return None
+
+
 def _save_checkpoint(trainer: Any, path: str) -> None:
     """``trainer.save_checkpoint`` on every rank. Lightning writes on rank 0, then all ranks
     meet at a barrier: a rank whose part failed (a full disk on rank 0) still meets the

@@ -29,6 +29,7 @@ from torch import Tensor
 
 from flightcheck.checks import Verdict
 from flightcheck.findings import Severity
+from flightcheck.signals.norms import local_shard
 from flightcheck.utils.modules import parent_name
 
 CHECK = "nonfinite"
@@ -141,10 +142,13 @@ def first_nonfinite_rows(values: Tensor) -> Tensor:
 
 
 def count_nonfinite(t: Tensor) -> int:
-    """How many elements of ``t`` are NaN or infinite (0 for integer tensors). Syncs: use on bad paths."""
+    """How many elements of ``t`` are NaN or infinite (0 for integer tensors). Syncs: use on bad paths.
+
+    A sharded tensor (``DTensor``) is counted on this rank's shard: counting the whole would
+    be a collective, which one rank alone must not start."""
     if not (t.is_floating_point() or t.is_complex()):
         return 0
-    return int((~torch.isfinite(t)).sum())
+    return int((~torch.isfinite(local_shard(t))).sum())
 
 
 # --------------------------------------------------------------------------- localisation
@@ -487,8 +491,8 @@ def nonfinite_verdict(
     elif origin.kind == "logged_only":
         where = " The loss and gradients stayed finite: only the logged value is non-finite, training is not harmed."
     elif origin.kind == "other_rank" and origin.op:
-        where = (f" The loss went non-finite on {origin.op}, not on this rank; DDP averages gradients over the "
-                 "ranks, so every rank's gradients were non-finite.") if grads else \
+        where = (f" The loss went non-finite on {origin.op}, not on this rank; the ranks' gradients are averaged "
+                 "(DDP, FSDP), so every rank's gradients were non-finite.") if grads else \
             f" The loss went non-finite on {origin.op}; this rank's loss and gradients were finite."
     elif origin.kind == "other_rank":
         where = " Another process saw it; this rank's loss and gradients were finite."

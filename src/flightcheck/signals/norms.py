@@ -2,6 +2,12 @@
 
 ``torch._foreach_norm`` reads every tensor once in a few fused kernels; a Python loop of
 ``p.grad.norm().item()`` launches one kernel and forces one GPU sync per tensor.
+
+Sharded training (FSDP2 / ``ModelParallelStrategy``, tensor parallelism): a parameter is a
+``DTensor`` and each rank holds a shard of it and of its gradient. Norms here are of this
+rank's shard (no communication); a whole tensor's squared norm is the sum of its shards'
+squared norms over the ranks (:func:`shard_weights` says how much of it each rank's part
+stands for, :func:`sum_over_ranks` adds them up, once per logging interval).
 """
 
 from __future__ import annotations
@@ -14,16 +20,36 @@ import torch
 from torch import Tensor
 
 
+try:
+    from torch.distributed.tensor import DTensor as _DTensor
+except ImportError:  # an older torch, or one built without distributed
+    try:
+        from torch.distributed._tensor import DTensor as _DTensor  # type: ignore[no-redef]
+    except ImportError:
+        _DTensor = None  # type: ignore[assignment,misc]
+
+
+def is_dtensor(t: Any) -> bool:
+    return _DTensor is not None and isinstance(t, _DTensor)
+
+
+def local_shard(t: Tensor) -> Tensor:
+    """This rank's part of a sharded tensor (a ``DTensor``'s local tensor, a view, no
+    communication); any other tensor as it is."""
+    return t.to_local() if is_dtensor(t) else t
+
+
 def foreach_norms(tensors: Sequence[Tensor]) -> Tensor:
     """Per-tensor L2 norms as one float32 tensor on the tensors' device (empty in, empty out).
 
     Tensors on several devices or of several dtypes are grouped by ``_foreach_norm`` itself;
     half-precision tensors are measured in float32 so a large norm does not overflow to inf.
-    Sparse tensors are measured through their values.
+    Sparse tensors are measured through their values. A sharded tensor (``DTensor``) is
+    measured on this rank's shard: see :func:`shard_weights`.
     """
     if not tensors:
         return torch.zeros(0)
-    dense = [t.coalesce().values() if t.is_sparse else t for t in tensors]
+    dense = [t.coalesce().values() if t.is_sparse else local_shard(t) for t in tensors]
     wide = [t.float() if t.dtype in (torch.float16, torch.bfloat16) else t for t in dense]
     norms = torch._foreach_norm(wide)
     device = norms[0].device
@@ -61,6 +87,51 @@ def step_grad_norms(trainer: Any, optimizer: torch.optim.Optimizer) -> tuple[lis
     norms = foreach_norms([p.grad for p in params])
     _STEP_CACHE[trainer] = (key, params, norms)
     return params, norms
+
+
+def shard_weights(params: Sequence[Tensor], world: int) -> Tensor | None:
+    """Per tensor, the share of its squared norm that this rank's part stands for, so that
+    summing ``weight * local_norm**2`` over all ``world`` ranks gives the whole tensor's
+    squared norm; ``None`` when no tensor is sharded (one process, DDP): nothing to reduce.
+
+    A ``DTensor`` is cut into as many distinct shards as the product of the mesh sizes of
+    its ``Shard`` placements, and each shard is held by ``world / shards`` ranks (replicated
+    dimensions, as in HSDP, hold copies): its weight is ``shards / world``. A plain tensor
+    next to sharded ones is a full copy on every rank: ``1 / world``.
+    """
+    if world <= 1 or not params:
+        return None
+    weights, sharded = [], False
+    for p in params:
+        shards = 1
+        if is_dtensor(p):
+            mesh = p.device_mesh
+            shards = shard_count(p.placements, [int(mesh.size(d)) for d in range(mesh.ndim)])
+        sharded = sharded or shards > 1
+        weights.append(shards / world)
+    if not sharded:
+        return None
+    return torch.tensor(weights, dtype=torch.float32, device=local_shard(params[0]).device)
+
+
+def shard_count(placements: Sequence[Any], mesh_sizes: Sequence[int]) -> int:
+    """How many distinct shards a ``DTensor`` with these placements on a mesh of these sizes
+    is cut into: the product of the sizes of the mesh dimensions it is sharded along (a
+    replicated dimension holds copies)."""
+    shards = 1
+    for placement, size in zip(placements, mesh_sizes):
+        if placement.is_shard():
+            shards *= int(size)
+    return shards
+
+
+def sum_over_ranks(values: Tensor, op: str = "sum") -> Tensor:
+    """``values`` summed (``op="sum"``) or maxed (``"max"``) over every rank, in place, on the
+    device (one ``all_reduce``, no host synchronisation); as they are outside distributed runs."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(values, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+    return values
 
 
 def group_sums(values: Tensor, index: Tensor, groups: int) -> Tensor:

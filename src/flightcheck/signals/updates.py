@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from flightcheck.signals.norms import foreach_norms
+from flightcheck.signals.norms import foreach_norms, local_shard
 
 #: Elements per tensor in the block; 4096 floats is 16 KiB per tensor.
 DEFAULT_BLOCK_SIZE = 4096
@@ -54,7 +54,8 @@ class UpdateSample:
     """Per-tensor estimates of ``||Δw||²`` and ``||w||²`` (before the step) for one optimizer step.
 
     Args:
-        params: the tensors to follow (the same list, in the same order, for the whole run).
+        params: the tensors to follow (the same list, in the same order, for the whole run);
+            for a sharded parameter (``DTensor``), this rank's local shard.
         names: their names; they seed where each block sits.
         size: the most elements a tensor lends.
 
@@ -118,7 +119,7 @@ class UpdateSample:
         embedding row no batch used) may rightly stay unchanged. Sparse gradients have no
         flat block and are measured whole.
         """
-        views = [g.coalesce().values() if g.is_sparse else g.detach().reshape(-1)[s : s + n]
+        views = [g.coalesce().values() if g.is_sparse else local_shard(g).detach().reshape(-1)[s : s + n]
                  for g, (s, n) in zip(grads, (self.spans[i] for i in positions))]
         return foreach_norms(views)
 
