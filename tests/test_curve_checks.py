@@ -377,3 +377,12 @@ def test_loss_exactly_zero_from_step_0_is_underfitting():
     # zero before any update: the loss never carried a signal (everything masked out, times 0)
     steps = np.arange(130, dtype=float)
     assert ("underfitting", "warning") in _checks(steps, np.zeros(130))
+
+
+def test_summary_best_is_never_above_the_start_of_a_curve_that_only_rose():
+    """A 6-point curve that explodes from 0.9: the smoothed minimum sits above the first loss,
+    and the summary must not call it the best."""
+    from flightcheck.checks.curves import _curve_summary
+
+    summary = _curve_summary(np.arange(0, 60, 10.0), np.array([0.9, 8.6, 12.0, 40.0, 9.0, 5.3]))
+    assert summary["best"] == pytest.approx(0.9) and summary["best_step"] == 0

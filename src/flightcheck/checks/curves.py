@@ -1374,11 +1374,15 @@ def _curve_summary(steps: np.ndarray, values: np.ndarray) -> dict[str, Any]:
     bi = best_index(values)
     smooth = running_median(values, smoothing_width(values.size))
     k = max(1, min(values.size // 10, 50))
+    initial = initial_level(values)
+    best, best_step = float(smooth[bi]), _step(steps[bi])
+    if best > initial:  # never below its start: smoothing must not report a "best" above the first loss
+        best, best_step = initial, _step(steps[0])
     return {
         "points": int(values.size),
-        "initial": initial_level(values),
-        "best": float(smooth[bi]),
-        "best_step": _step(steps[bi]),
+        "initial": initial,
+        "best": best,
+        "best_step": best_step,
         "final": float(np.median(values[-k:])),
         "last_step": _step(steps[-1]),
         "trend_per_1k_steps": 1000.0 * theil_sen(steps[-max(2 * k, 2) :], values[-max(2 * k, 2) :])[0]
