@@ -168,6 +168,7 @@ def run_two_ranks(tmp_path, model, callbacks, *, max_steps=6, batch_size=16, sha
                     p.join()
                 code = max(p.exitcode or 0 for p in ranks)
             else:
+                os.environ["MASTER_PORT"] = str(_free_port())  # not one an earlier run in this process left behind
                 trainer_for(DDPStrategy(start_method="fork", timeout=limit), 2, os.getpid()).fit(model, data)
         except BaseException as err:  # noqa: BLE001 - handed to the test
             write_error("error.txt", err)
@@ -257,16 +258,18 @@ def test_default_callbacks_on_a_healthy_two_rank_run_stay_quiet_and_agree(tmp_pa
 
 
 def test_a_nan_on_one_rank_stops_both_ranks_and_is_written_once(tmp_path):
-    error, records = run_two_ranks(tmp_path, NaNOnRank1(), [NonFiniteGuard(action="stop")], max_steps=8)
+    callbacks = flightcheck.default_callbacks(nonfinite_guard={"action": "stop"})
+    error, records = run_two_ranks(tmp_path, NaNOnRank1(optimizer="adam", lr=1e-2), callbacks, max_steps=8)
     assert error is None, error
     for record in records:
         assert record["global_step"] == BAD_STEP + 1 and record["should_stop"], record["rank"]
         assert weights_after(record, BAD_STEP) == weights_after(record, BAD_STEP - 1)  # the bad update not applied
         assert all(finite for _, _, finite in record["steps"])
         assert len(of(record, "nonfinite_guard", "nonfinite")) == 1
+        assert not any(cb["failed"] for cb in record["callbacks"].values()), record["rank"]
     assert records[0]["steps"] == records[1]["steps"]
     lines = findings_file_lines(tmp_path)
-    assert [f["check"] for f in lines] == ["nonfinite"]
+    assert [f["check"] for f in lines] == ["nonfinite"], [f["message"] for f in lines]  # and no other alarm
     finding = lines[0]
     assert finding["step"] == BAD_STEP and finding["data"]["action"] == "stop"
     assert "rank 1" in finding["message"], finding["message"]  # rank 0 writes, and names the rank that saw it
@@ -430,9 +433,9 @@ def _fully_shard():
 
 def _no_fsdp2() -> str | None:
     """Why no sharded run can happen here, or ``None``."""
-    try:
-        from lightning.pytorch.strategies import ModelParallelStrategy  # noqa: F401 - lightning >= 2.4
-    except ImportError:
+    import lightning.pytorch.strategies as strategies
+
+    if not hasattr(strategies, "ModelParallelStrategy"):
         return "Lightning's ModelParallelStrategy (FSDP2 on CPU) needs lightning >= 2.4"
     if _fully_shard() is None:
         return "torch's fully_shard (FSDP2) needs torch >= 2.4"

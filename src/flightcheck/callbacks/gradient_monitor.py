@@ -516,9 +516,10 @@ class GradientMonitor(FlightcheckCallback):
             hit = (_device_index(cand, lay.device), cand)
             lay.remember(cache_key, hit)
         cpos, cand = hit
-        if not cand:
-            return
-        hits = lay.sample.grad_block_norms(cand, [lay.params[i].grad for i in cand]) != 0
+        grads = [lay.params[i].grad for i in cand]
+        if not cand or any(g is None for g in grads):
+            return  # none, or the update was dropped (NonFiniteGuard's skip ran first): no evidence
+        hits = lay.sample.grad_block_norms(cand, grads) != 0
         if finite is not None:
             hits = hits & finite
         self._hits.index_add_(0, cpos, hits.float())
