@@ -445,3 +445,19 @@ def test_time_major_word_language_model(kind):
     leaky = rows(WordLanguageModel(vocab, kind, has_mask=False), batch)["causal_leakage"]
     assert leaky.status is Status.FAIL, leaky.message
     assert "time-major" in leaky.message and leaky.verdicts[0].data["future_positions"][0] == 1
+
+
+def test_binary_single_logit_copier_is_caught():
+    class Copier(TabularMLP):
+        def forward(self, x, y=None):
+            return self.net(torch.cat([x, y[:, None].float()], dim=1))
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return F.binary_cross_entropy_with_logits(self(x, y).squeeze(-1), y.float())
+
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(64, 8, generator=g), torch.randint(0, 2, (64,), generator=g)
+    torch.manual_seed(0)
+    row = rows(Copier(9, classes=1), (x, y))["target_leakage"]
+    assert row.status is Status.FAIL, row.message

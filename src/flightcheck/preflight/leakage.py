@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from flightcheck.checks import Verdict
 from flightcheck.preflight.batch import MIN_GAIN_SHARE, _cudnn_off
@@ -318,12 +319,29 @@ def _following(
     changed = (a[1] != b[1]) & (a[1] != IGNORE_INDEX) & (b[1] != IGNORE_INDEX)
     if int(changed.sum()) < 8:
         return None, None, None
-    follows = (b[0].argmax(dim=-1) == b[1])[changed].float().mean()
-    chance = (a[0].argmax(dim=-1) == b[1])[changed].float().mean()
-    fed = b[1][changed].long().unsqueeze(1)
-    rise = (
-        b[0][changed].float().log_softmax(-1).gather(1, fed) - a[0][changed].float().log_softmax(-1).gather(1, fed)
-    ).mean()
+    fed = b[1][changed].long()
+    if a[0].shape[-1] == 1:  # one logit for two classes: class 1 when it is positive
+        if bool(((fed != 0) & (fed != 1)).any()):
+            return None, None, None
+        sign = fed.float() * 2 - 1
+
+        def log_prob(logits: Tensor) -> Tensor:
+            return F.logsigmoid(sign * logits[changed].float().reshape(-1))
+
+        def predicted(logits: Tensor) -> Tensor:
+            return (logits[changed].reshape(-1) > 0).long()
+
+    else:
+
+        def log_prob(logits: Tensor) -> Tensor:
+            return logits[changed].float().log_softmax(-1).gather(1, fed.unsqueeze(1)).reshape(-1)
+
+        def predicted(logits: Tensor) -> Tensor:
+            return logits[changed].argmax(dim=-1)
+
+    follows = (predicted(b[0]) == fed).float().mean()
+    chance = (predicted(a[0]) == fed).float().mean()
+    rise = (log_prob(b[0]) - log_prob(a[0])).mean()
     return float(follows), float(chance), float(rise)
 
 
