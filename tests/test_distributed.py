@@ -535,3 +535,27 @@ def test_shard_weights_make_sums_over_ranks_whole_norms():
     assert shard_weights([torch.zeros(3)], world=4) is None and shard_weights([torch.zeros(3)], world=1) is None
     values = torch.tensor([1.0, 2.0])
     assert sum_over_ranks(values) is values and values.tolist() == [1.0, 2.0]
+
+
+def test_two_ranks_find_what_one_process_finds_on_the_same_data(tmp_path):
+    """DDP on two ranks, 16 samples each per step, against one process with the same 32 samples
+    per step: the all-reduced gradients are the one-process gradients, so the findings match."""
+    max_steps, log_every = 12, 3
+
+    def model():
+        torch.manual_seed(0)
+        return ZeroGradientParameter(lr=0.5)
+
+    def callbacks():
+        return flightcheck.default_callbacks(preflight=False, prediction_stability=False)
+
+    error, _ = run_two_ranks(tmp_path / "ddp", model(), callbacks(), max_steps=max_steps, log_every_n_steps=log_every)
+    assert error is None, error
+    two = {(f["check"], f["target"]) for f in findings_file_lines(tmp_path / "ddp")}
+
+    single = tmp_path / "one"
+    trainer = make_trainer(single, callbacks(), max_steps=max_steps, max_epochs=None, log_every_n_steps=log_every)
+    trainer.fit(model(), loader(*cluster_data(n=128), batch_size=32, shuffle=False))
+    one = {(f["check"], f["target"]) for f in findings_file_lines(single)}
+    assert ("gradient_flow", "unused") in one
+    assert two == one
