@@ -461,3 +461,17 @@ def test_binary_single_logit_copier_is_caught():
     torch.manual_seed(0)
     row = rows(Copier(9, classes=1), (x, y))["target_leakage"]
     assert row.status is Status.FAIL, row.message
+
+
+def test_a_per_sample_loss_module_kept_as_an_attribute_does_not_count_as_reading_targets():
+    class WithCriterion(TabularMLP):
+        def __init__(self):
+            super().__init__(8)
+            self.criterion = torch.nn.CrossEntropyLoss(reduction="none")
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return self.criterion(self(x), y).mean()
+
+    row = rows(WithCriterion(), tabular())["target_leakage"]
+    assert row.status is Status.PASS and "does not read" in row.message

@@ -39,7 +39,7 @@ from flightcheck.preflight.batch import MIN_GAIN_SHARE, _cudnn_off
 from flightcheck.preflight.context import PreflightContext
 from flightcheck.preflight.registry import Skip, register
 from flightcheck.preflight.roles import Path, map_tensors, path_str
-from flightcheck.preflight.sandbox import _seed_all, primary_tensor
+from flightcheck.preflight.sandbox import _is_bookkeeping, _seed_all, primary_tensor
 from flightcheck.preflight.task import IGNORE_INDEX, align_classes, is_integer
 from flightcheck.utils import modes_preserved, preserved_rng
 
@@ -265,7 +265,8 @@ def judge_target_leakage(
 
 
 class _OutputCapture:
-    """Every floating output of the LightningModule's forward and its top-level children."""
+    """Every floating output of the LightningModule's forward and its top-level children (not
+    loss modules or metrics kept as attributes: they read the targets by design)."""
 
     def __init__(self, module: nn.Module) -> None:
         self.module = module
@@ -274,7 +275,11 @@ class _OutputCapture:
     @contextlib.contextmanager
     def installed(self) -> Iterator[None]:
         handles = [self.module.register_forward_hook(self._hook)]
-        handles += [child.register_forward_hook(self._hook) for _, child in self.module.named_children()]
+        handles += [
+            child.register_forward_hook(self._hook)
+            for _, child in self.module.named_children()
+            if not _is_bookkeeping(child)
+        ]
         try:
             yield
         finally:
