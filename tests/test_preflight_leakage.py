@@ -475,3 +475,18 @@ def test_a_per_sample_loss_module_kept_as_an_attribute_does_not_count_as_reading
 
     row = rows(WithCriterion(), tabular())["target_leakage"]
     assert row.status is Status.PASS and "does not read" in row.message
+
+
+def test_sample_weights_derived_from_the_label_are_not_a_leak():
+    """Class-balancing weights in the batch are a function of the label, read by the loss only."""
+
+    class Weighted(TabularMLP):
+        def training_step(self, batch, batch_idx):
+            x, w, y = batch
+            return (F.cross_entropy(self(x), y, reduction="none") * w).mean()
+
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(64, 8, generator=g), torch.randint(0, 2, (64,), generator=g)
+    w = torch.where(y == 1, 3.0, 1.0)
+    row = rows(Weighted(8, classes=2), (x, w, y))["target_leakage"]
+    assert row.status is Status.PASS, row.message

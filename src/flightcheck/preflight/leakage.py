@@ -72,6 +72,7 @@ MIN_SAMPLES = 8
 #: |correlation| of a feature with the target above this: the feature is an affine copy of it.
 COPY_CORRELATION = 1.0 - 1e-6
 _SHUFFLE_SEED = 20240229
+_NOT_FEATURES = ("weight", "mask", "length", "lens", "index", "idx")
 
 _TARGET_CAUSES = (
     "the targets are passed into the model: a decoder fed the target sequence without shifting it "
@@ -128,7 +129,9 @@ def copied_features(inputs: list[tuple[Path, Tensor]], target: Tensor) -> list[d
     found = []
     yc = y - y.mean()
     for path, t in inputs:
-        if t.dim() not in (1, 2) or t.shape[0] != n:
+        # a feature table or a token sequence: (batch, columns); a lone per-sample value next to the
+        # target (sample weights, lengths, indices) is read by the loss, not the model
+        if t.dim() != 2 or t.shape[0] != n or t.shape[1] < 2 or any(w in path_str(path).lower() for w in _NOT_FEATURES):
             continue
         x = t.reshape(n, -1)[:, :4096].double()
         xc = x - x.mean(dim=0)
