@@ -541,3 +541,33 @@ def test_dead_units_need_enough_values_per_unit_to_be_judged():
     assert dead_units(readings(1, 1)) == []
     assert [v.target for v in dead_units(readings(1, 64))] == ["net.1"]
     assert [v.target for v in dead_units(readings(64, 64))] == ["net.1"]
+
+
+class SkipsEmptyBatches(TinyClassifier):
+    """A collate that filters bad samples can hand over a batch with none left: skipped."""
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        if x.shape[0] == 0:
+            return None
+        return super().training_step(batch, batch_idx)
+
+
+def test_an_empty_batch_in_the_stream_is_skipped_quietly(tmp_path):
+    (x, y), (vx, vy) = _data()
+    calls = []
+
+    def drop_every_third_batch(samples):
+        xs, ys = torch.stack([s[0] for s in samples]), torch.stack([s[1] for s in samples])
+        calls.append(xs.shape[0])
+        if len(calls) % 3 == 0:  # a filter that happens to reject the whole batch
+            calls[-1] = 0
+            return xs[:0], ys[:0]
+        return xs, ys
+
+    g = torch.Generator().manual_seed(0)
+    train = DataLoader(TensorDataset(x, y), batch_size=32, shuffle=True, generator=g, collate_fn=drop_every_third_batch)
+    trainer = _trainer(tmp_path)
+    trainer.fit(SkipsEmptyBatches(), train, DataLoader(TensorDataset(vx, vy), batch_size=32))
+    _assert_quiet(trainer)
+    assert calls.count(0) >= 3 and trainer.global_step > 0
