@@ -490,3 +490,16 @@ def test_sample_weights_derived_from_the_label_are_not_a_leak():
     w = torch.where(y == 1, 3.0, 1.0)
     row = rows(Weighted(8, classes=2), (x, w, y))["target_leakage"]
     assert row.status is Status.PASS, row.message
+
+
+def test_a_few_repeated_samples_in_a_large_validation_set_are_only_a_note():
+    """Five exact repeats among 1000 validation samples (a repeated heading, say) is no alarm."""
+    from flightcheck.preflight.overlap import SplitHashes, compare_splits, judge_split_overlap
+
+    train = SplitHashes([bytes([i % 256, i // 256]) for i in range(5000)], list(range(5000)), 5000, 0.0, "dataset")
+    val_digests = [bytes([i % 256, i // 256 + 100]) for i in range(995)] + train.digests[:5]
+    val = SplitHashes(val_digests, list(range(1000)), 1000, 0.0, "dataset")
+    verdicts = judge_split_overlap(compare_splits(train, val))
+    assert [v.severity.value for v in verdicts] == ["info"]
+    many = SplitHashes(val_digests[:900] + train.digests[:100], list(range(1000)), 1000, 0.0, "dataset")
+    assert [v.severity.value for v in judge_split_overlap(compare_splits(train, many))] == ["error"]

@@ -395,10 +395,10 @@ def judge_split_overlap(result: OverlapResult) -> list[Verdict]:
                 data=data,
             )
         )
-    elif result.found and (share >= OVERLAP_WARN_SHARE or result.found >= OVERLAP_MIN_COUNT):
+    elif (share >= OVERLAP_ERROR_SHARE and result.found >= 2) or (
+        share >= OVERLAP_WARN_SHARE and result.found >= OVERLAP_MIN_COUNT
+    ):
         severity = "error" if share >= OVERLAP_ERROR_SHARE and result.found >= 2 else "warning"
-        if severity == "warning" and result.found < OVERLAP_MIN_COUNT:
-            severity = "info"
         verdicts.append(
             Verdict(
                 "split_overlap",
