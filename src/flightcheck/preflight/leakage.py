@@ -381,6 +381,8 @@ def target_leakage(ctx: PreflightContext) -> Iterator[Verdict]:
     generator = torch.Generator().manual_seed(_SHUFFLE_SEED)
     shuffled_target, changed = shuffled_targets(target, generator)
     shuffled, shuffled_out = _seeded_evaluate(ctx, ctx.replaced({ctx.target_path: shuffled_target}))
+    if not real_out or not shuffled_out:
+        raise Skip("the model's outputs could not be captured (no floating tensor out of its forward or children)")
     follows = chance = rise = None
     if ctx.task.is_classification and real.output is not None and shuffled.output is not None:
         follows, chance, rise = _following(real.output, shuffled.output, target, shuffled_target)
