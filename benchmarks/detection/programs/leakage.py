@@ -69,6 +69,27 @@ def text_split():
 
 
 # ----------------------------------------------------------------------------- models
+class TextModule(pl.LightningModule):
+    """The training and validation steps the text models share: ``_loss`` logged as
+    ``train_loss`` / ``val_loss``, AdamW at ``self.lr``."""
+
+    lr = 1e-3
+
+    def _loss(self, batch):
+        raise NotImplementedError
+
+    def training_step(self, batch, batch_idx):
+        loss = self._loss(batch)
+        self.log("train_loss", loss)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", self._loss(batch))
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=self.lr)
+
+
 class CharLM(pl.LightningModule):
     """A small transformer language model; ``mask`` is "causal", "none" or "off_by_one"."""
 
@@ -156,7 +177,9 @@ class MaskedBlocks(Dataset):
         return {"input_ids": torch.where(chosen, torch.full_like(x, self.mask_id), x), "labels": labels}
 
 
-class MaskedLM(pl.LightningModule):
+class MaskedLM(TextModule):
+    lr = 2e-3
+
     def __init__(self, vocab: int, dim: int = 64):
         super().__init__()
         self.tok = nn.Embedding(vocab + 1, dim)
@@ -171,16 +194,6 @@ class MaskedLM(pl.LightningModule):
     def _loss(self, batch):
         return F.cross_entropy(self(batch["input_ids"]).transpose(1, 2), batch["labels"], ignore_index=-100)
 
-    def training_step(self, batch, batch_idx):
-        loss = self._loss(batch)
-        self.log("train_loss", loss)
-        return loss
-
-    def validation_step(self, batch, batch_idx):
-        self.log("val_loss", self._loss(batch))
-
-    def configure_optimizers(self):
-        return torch.optim.AdamW(self.parameters(), lr=2e-3)
 
 
 class Reversed(Dataset):
@@ -197,7 +210,7 @@ class Reversed(Dataset):
         return x, x.flip(0)
 
 
-class Seq2Seq(pl.LightningModule):
+class Seq2Seq(TextModule):
     """Encoder-decoder with teacher forcing; ``shift=False`` is the bug: the decoder is fed the
     target itself under the causal mask, so position t reads the token it must predict."""
 
@@ -221,16 +234,6 @@ class Seq2Seq(pl.LightningModule):
         tgt_in = torch.cat([torch.full_like(tgt[:, :1], self.bos), tgt[:, :-1]], 1) if self.shift else tgt
         return F.cross_entropy(self(src, tgt_in).transpose(1, 2), tgt)
 
-    def training_step(self, batch, batch_idx):
-        loss = self._loss(batch)
-        self.log("train_loss", loss)
-        return loss
-
-    def validation_step(self, batch, batch_idx):
-        self.log("val_loss", self._loss(batch))
-
-    def configure_optimizers(self):
-        return torch.optim.AdamW(self.parameters(), lr=1e-3)
 
 
 class ReadsLabels(C.Classifier):
