@@ -7,7 +7,10 @@ them alike:
 - ``no callbacks``: the baseline step;
 - ``floor: one fused _foreach_norm``: one fused read of the gradients, kept on the device —
   the least any gradient monitor can cost;
+- ``floor: one dot per tensor (CPU)``: the same read as BLAS dot products, which flightcheck
+  uses on a CPU, where ``_foreach_norm`` has no fused kernel (CPU runs only);
 - ``GradientMonitor``: flightcheck's gradient monitor at its defaults;
+- ``GradientMonitor + NonFiniteGuard``: the two core monitors, sharing one read of the gradients;
 - ``flightcheck in-flight monitors``: ``flightcheck.default_callbacks(preflight=False)``,
   every in-flight monitor that exists in this checkout;
 - ``Lightning grad_norm every step``: ``lightning.pytorch.utilities.grad_norm`` logged with
@@ -46,7 +49,10 @@ from lightning.pytorch.utilities import grad_norm
 from torch import nn
 from torch.nn import functional as F
 
-WARMUP_STEPS = 5
+#: Untimed steps before the timed ones: past the monitors' start-up (GradientMonitor measures
+#: the update ratio on every step for its first 100 steps, then on every 4th and on logging
+#: steps), so the figures are those of the long stretch of a run. ``--warmup 5`` times the start-up.
+WARMUP_STEPS = 110
 
 
 # ----------------------------------------------------------------------------- the model
@@ -97,6 +103,15 @@ class FusedNormFloor(pl.Callback):
         self.norms = torch._foreach_norm(grads)
 
 
+class DotFloor(pl.Callback):
+    """One read of every gradient the way flightcheck reads them on a CPU (a BLAS dot product
+    per large tensor, ``_foreach_norm`` having no fused CPU kernel), left on the device."""
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.norms = [torch.dot(p.grad.view(-1), p.grad.view(-1)) for p in pl_module.parameters()
+                      if p.grad is not None]
+
+
 class LightningGradNorm(pl.Callback):
     """Lightning's documented recipe, logged every step."""
 
@@ -144,22 +159,37 @@ class StepTimer(pl.Callback):
         self.cuda = cuda
         self.clock = clock
         self.starts: list[float] = []
+        self.hook_marks: list[float] = []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if self.cuda and batch_idx in (WARMUP_STEPS, trainer.max_steps - 1):
             torch.cuda.synchronize()  # window edges only: the steps between keep their asynchrony
         self.clock.running = WARMUP_STEPS <= batch_idx < trainer.max_steps - 1
         self.starts.append(time.perf_counter())
+        self.hook_marks.append(self.clock.total)
 
     def step_times(self) -> list[float]:
         timed = self.starts[WARMUP_STEPS:]
         return [b - a for a, b in zip(timed[:-1], timed[1:])]
+
+    def net_step_times(self) -> list[float]:
+        """Each timed step less the time spent in the measured callbacks' hooks during it:
+        the work every variant shares (CPU only: on CUDA the hooks overlap the device's work)."""
+        marks = self.hook_marks[WARMUP_STEPS:]
+        hooks = [b - a for a, b in zip(marks[:-1], marks[1:])]
+        return [t - h for t, h in zip(self.step_times(), hooks)]
 
 
 def _flightcheck_gradient_monitor() -> list[Any]:
     from flightcheck import GradientMonitor
 
     return [GradientMonitor()]
+
+
+def _flightcheck_core() -> list[Any]:
+    from flightcheck import GradientMonitor, NonFiniteGuard
+
+    return [NonFiniteGuard(), GradientMonitor()]
 
 
 def _flightcheck_monitors() -> list[Any]:
@@ -171,7 +201,9 @@ def _flightcheck_monitors() -> list[Any]:
 VARIANTS: list[tuple[str, Callable[[], list[Any]]]] = [
     ("no callbacks", lambda: []),
     ("floor: one fused _foreach_norm", lambda: [FusedNormFloor()]),
+    ("floor: one dot per tensor (CPU)", lambda: [DotFloor()]),
     ("GradientMonitor", _flightcheck_gradient_monitor),
+    ("GradientMonitor + NonFiniteGuard", _flightcheck_core),
     ("flightcheck in-flight monitors", _flightcheck_monitors),
     ("Lightning grad_norm every step", lambda: [LightningGradNorm()]),
     ("per-parameter .norm().item()", lambda: [ItemLoop()]),
@@ -239,7 +271,8 @@ def run_variant(make: Callable[[], list[Any]], device: str, steps: int, batch_si
         times = [sum(times) / len(times)] * len(times)
     model_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
     model_storages |= {p.grad.untyped_storage().data_ptr() for p in model.parameters() if p.grad is not None}
-    out = {"times": times, "held": held_bytes(callbacks, seen=model_storages),
+    out = {"times": times, "net": [] if cuda else timer.net_step_times(),
+           "held": held_bytes(callbacks, seen=model_storages),
            "params": sum(p.numel() for p in model.parameters()),
            "hooks": [clock.total / len(times)]}
     out["cuda_peak"] = torch.cuda.max_memory_allocated() if cuda else None
@@ -256,8 +289,9 @@ def _mb(n: float | None) -> str:
 def measure(device: str, steps: int, repeats: int, batch_size: int, log_every: int, tmp: str) -> str:
     results: dict[str, dict[str, Any]] = {}
     skipped: dict[str, str] = {}
+    variants = [(n, m) for n, m in VARIANTS if device == "cpu" or "(CPU)" not in n]
     for round_ in range(repeats):
-        order = VARIANTS if round_ % 2 == 0 else VARIANTS[::-1]
+        order = variants if round_ % 2 == 0 else variants[::-1]
         for name, make in order:
             if name in skipped:
                 continue
@@ -266,22 +300,29 @@ def measure(device: str, steps: int, repeats: int, batch_size: int, log_every: i
             except Exception as err:  # noqa: BLE001 - a monitor not in this checkout yet
                 skipped[name] = f"{type(err).__name__}: {err}"
                 continue
-            agg = results.setdefault(name, {"times": [], "hooks": [], **{k: v for k, v in r.items()
-                                                                           if k not in ("times", "hooks")}})
+            agg = results.setdefault(name, {"times": [], "hooks": [], "net": [],
+                                            **{k: v for k, v in r.items() if k not in ("times", "hooks", "net")}})
             agg["times"].extend(r["times"])
             agg["hooks"].extend(r["hooks"])
+            agg["net"].extend(r["net"])
     base = results["no callbacks"]
     base_median, base_mean = statistics.median(base["times"]), statistics.fmean(base["times"])
+    # The denominator of "hooks / step": on a shared machine one variant's median step drifts
+    # by more than the monitors cost, so the step is taken net of the hooks in every variant's
+    # runs, pooled (the same work in all of them): a far steadier figure than one variant's.
+    pooled = [t for r in results.values() for t in r["net"]]
+    step = statistics.median(pooled) if pooled else base_median
     lines = [
         f"**{device.upper()}**, {base['params'] / 1e6:.1f}M-parameter MLP, batch {batch_size}, Adam, "
-        f"{steps} timed steps x {repeats} rounds per variant, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads, log_every_n_steps={log_every}",
+        f"{steps} timed steps after {WARMUP_STEPS} untimed ones x {repeats} rounds per variant, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, log_every_n_steps={log_every}; "
+        f"hooks / step is over {step * 1e3:.1f} ms, the median step net of the hooks, pooled over every run",
         "",
         "| variant | median ms/step | vs none | mean ms/step | vs none | in its hooks, ms/step | "
         "hooks / step | extra memory held | CUDA peak vs none |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for name, _ in VARIANTS:
+    for name, _ in variants:
         if name in skipped:
             lines.append(f"| {name} | – | – | – | – | – | – | – | skipped: {skipped[name][:80]} |")
             continue
@@ -292,7 +333,7 @@ def measure(device: str, steps: int, repeats: int, batch_size: int, log_every: i
         hooks = statistics.fmean(r["hooks"])
         lines.append(
             f"| {name}{note} | {med * 1e3:.1f} | {med / base_median:.3f}x | {mean * 1e3:.1f} | "
-            f"{mean / base_mean:.3f}x | {hooks * 1e3:.2f} | {hooks / base_median:.1%} | {_mb(r['held'])} | "
+            f"{mean / base_mean:.3f}x | {hooks * 1e3:.2f} | {hooks / step:.1%} | {_mb(r['held'])} | "
             f"{_mb(peak) if peak is not None else '–'} |"
         )
     return "\n".join(lines)
@@ -308,7 +349,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="auto: CPU, then CUDA when available")
     parser.add_argument("--batch-size", type=int, default=None, help="default 16 on CPU, 1024 on CUDA")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
+    parser.add_argument("--warmup", type=int, default=WARMUP_STEPS,
+                        help=f"untimed steps first (default {WARMUP_STEPS}: past the monitors' start-up phase)")
     args = parser.parse_args(argv)
+    globals()["WARMUP_STEPS"] = max(1, args.warmup)
     if args.threads:
         torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")

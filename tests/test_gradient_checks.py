@@ -171,6 +171,35 @@ def test_weights_growing_from_a_zero_start_and_slowing_are_not_runaway():
     assert judge.weight_growth(0.01 * steps) is None
 
 
+def test_weights_measured_every_few_steps_are_judged_over_the_same_span_of_steps():
+    steps = np.arange(100, 200, 4)  # GradientMonitor's sparse phase: every 4th step
+    verdict = judge.weight_growth(10.0 * 1.08 ** steps / 1.08**100, steps=steps)
+    assert verdict is not None and verdict.data["growth"] == pytest.approx(1.08**20)
+    assert "in the last 20 steps" in verdict.message
+    # the same trends that are not runaway growth when measured every step are not when sparse
+    assert judge.weight_growth([10.0] * 12 + [40.0] * 12, steps=np.arange(0, 96, 4)) is None
+    assert judge.weight_growth(0.01 * (steps - 90.0) ** 2, steps=steps) is None
+
+
+def test_sparse_weights_need_enough_points_across_the_window():
+    growing = 10.0 * 2.0 ** np.arange(4)
+    assert judge.weight_growth(growing, steps=[0, 7, 14, 21]) is None  # four points only
+    assert judge.weight_growth(10.0 * 2.0 ** np.arange(6), steps=[20, 21, 22, 23, 24, 25]) is None  # 5 of 20 steps
+
+
+def test_cpu_norms_match_linalg_norms_for_large_small_and_strided_tensors():
+    from flightcheck.signals.norms import foreach_norms
+
+    g = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(300, 200, generator=g), torch.randn(7, generator=g),
+               torch.randn(400, 300, generator=g).t(), torch.randn(1, generator=g) * 1e3]
+    expected = torch.stack([torch.linalg.vector_norm(t) for t in tensors])
+    assert torch.allclose(foreach_norms(tensors), expected, rtol=1e-5)
+    bad = [torch.full((200, 100), float("nan")), torch.tensor([1.0, float("inf")]), torch.ones(3)]
+    norms = foreach_norms(bad)
+    assert torch.isnan(norms[0]) and torch.isinf(norms[1]) and norms[2] == pytest.approx(3**0.5)
+
+
 # ----------------------------------------------------------------------------- update_ratio
 def test_one_step_larger_than_the_weights_is_a_too_large_update():
     verdict = judge.update_ratio([1e-3, 55.0, 0.3, 0.1], steps=[0, 1, 2, 3])

@@ -77,6 +77,20 @@ class SpikeAtStep(TinyClassifier):
         return loss * 1000 if self.global_step == self.spike_step else loss
 
 
+class LearningRateCutAtStep(TinyClassifier):
+    """Adam whose learning rate is cut 1e6-fold at ``cut_step``, long after the start: the
+    weights stop moving while the gradients stay alive (noisy labels)."""
+
+    def __init__(self, cut_step):
+        super().__init__(optimizer="adam", lr=0.01)
+        self.cut_step = cut_step
+
+    def on_train_batch_start(self, batch, batch_idx):
+        if self.global_step == self.cut_step:
+            for group in self.trainer.optimizers[0].param_groups:
+                group["lr"] = 1e-8
+
+
 def test_learning_rate_far_too_high_is_reported_as_a_gradient_explosion(tmp_path):
     monitor, _ = _fit(tmp_path, TinyClassifier(lr=20.0), steps=30)
     explosions = [f for f in monitor.findings if f.check == "grad_explosion"]
@@ -161,6 +175,21 @@ def _scalar_tags(log_dir):
     acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0, "histograms": 0})
     acc.Reload()
     return acc
+
+
+def test_update_ratio_is_charted_and_judged_past_the_dense_start(tmp_path):
+    """After its first 100 steps the monitor measures the update on every 4th step and on
+    logging steps: every logging step still charts it, and a learning rate cut late in the
+    run is still reported within a few tens of steps."""
+    monitor, _ = _fit(tmp_path, LearningRateCutAtStep(160), steps=600, data=_noisy_clusters())
+    acc = _scalar_tags(tmp_path / "logs" / "version_0")
+    updates = {e.step for e in acc.Scalars("flightcheck/update_ratio/total")}
+    logging_steps = {e.step for e in acc.Scalars("flightcheck/grad_norm/total") if (e.step + 1) % 5 == 0}
+    assert max(logging_steps) > 500 and logging_steps <= updates
+    too_small = [f for f in monitor.findings if f.check == "update_ratio"]
+    assert len(too_small) == 1 and "only" in too_small[0].message, [f.message for f in monitor.findings]
+    assert 160 < too_small[0].step <= 160 + 100
+    assert [f for f in _loud(monitor) if f.check != "update_ratio"] == []
 
 
 def test_tensorboard_gets_totals_first_and_layers_in_a_sub_folder(tmp_path):

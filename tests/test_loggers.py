@@ -129,6 +129,21 @@ def test_tensorboard_logger(tmp_path):
     _assert_tensorboard_charts(log_dir)
 
 
+def test_tensorboard_charts_follow_the_loggers_prefix_and_read_back_like_lightnings(tmp_path):
+    """flightcheck writes a flush's scalars as one TensorBoard event (the per-scalar path waits
+    on the writer's queue): the charts must read back as Lightning's own do, prefix included."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _fit(tmp_path, TensorBoardLogger(str(tmp_path), name="tb", prefix="run"))
+    acc = EventAccumulator(os.path.join(tmp_path, "tb", "version_0"), size_guidance={"scalars": 0})
+    acc.Reload()
+    scalars = set(acc.Tags()["scalars"])
+    assert {"run-train_loss", "run-flightcheck/grad_norm/total", "run-flightcheck/weight_norm/total"} <= scalars
+    steps = [e.step for e in acc.Scalars("run-flightcheck/grad_norm/total")]
+    assert steps == sorted(steps) and steps[-1] == STEPS - 1
+    assert all(e.value > 0 for e in acc.Scalars("run-flightcheck/weight_norm/total"))
+
+
 def test_csv_logger_gets_the_charts_as_columns_and_no_tensorboard_is_needed(tmp_path):
     trainer = _fit(tmp_path, CSVLogger(str(tmp_path), name="csv"))
     log_dir = os.path.join(tmp_path, "csv", "version_0")

@@ -55,7 +55,6 @@ from flightcheck.checks import modes as judge_modes
 from flightcheck.signals.layers import group_by_layer
 from flightcheck.signals.norms import (
     foreach_norms,
-    group_sums,
     is_dtensor,
     local_shard,
     shard_weights,
@@ -68,6 +67,14 @@ from flightcheck.utils.distributed import world_size
 
 #: Rows of the device ring buffer are capped so that it stays under ~4 MiB of float32.
 _RING_ELEMENTS = 2**20
+#: The update ratio needs each tensor's sampled block copied before the step and compared
+#: after it: four small fused ops, on a CPU about as much as the rest of the monitor. It is
+#: measured on every step for the first ``_DENSE_UPDATE_STEPS`` steps (where a learning rate
+#: far off and parameters that never update show), on every logging step, and on every
+#: ``_UPDATE_EVERY``-th step in between: the ratio's median and the weights' growth are trends
+#: over tens of steps, and a step that blows the weights up also shows in the gradients.
+_DENSE_UPDATE_STEPS = 100
+_UPDATE_EVERY = 4
 #: A finding is re-armed (reported again if it comes back) after its judge found the run
 #: clear on this many logging intervals in a row.
 _CLEAR_AFTER = 3
@@ -79,6 +86,12 @@ def _device_index(values: Sequence[int], device: torch.device) -> Tensor:
     if device.type == "cuda":
         return host.pin_memory().to(device, non_blocking=True)
     return host if device.type == "cpu" else host.to(device)
+
+
+def _float32_on(t: Tensor, device: torch.device) -> Tensor:
+    """``t`` as float32 on ``device``, without a no-op ``.to`` (a dispatch, and on a CPU-only
+    machine indistinguishable from a device-to-host copy for SyncCounter)."""
+    return t if t.device == device and t.dtype == torch.float32 else t.to(device=device, dtype=torch.float32)
 
 
 def _learning_rate(optimizer: Any) -> float:
@@ -117,18 +130,27 @@ class _Layout:
                     self.group_of.setdefault(id(p), (k, g))
         self.opt_of = [opt_of.get(id(p), self.K) for p in self.params]  # K: in no optimizer
         self.orphans = [i for i, k in enumerate(self.opt_of) if k == self.K]
-        self.layer_index = _device_index(layer_of, self.device)
-        self.opt_index = _device_index(self.opt_of, self.device)
+        self.P = len(self.params)
+        self.layer_of_np = np.asarray(layer_of, dtype=np.int64)
+        self.opt_of_np = np.asarray(self.opt_of, dtype=np.int64)
         # which optimizer slots hold parameters of each layer: a layer is measured on a step
         # when one of them stepped (host-side, so the device row needs no "not measured" mark)
+        self._measured: dict[tuple[int, ...], np.ndarray] = {}
         self.layer_slots = np.zeros((self.L, self.K + 1), dtype=bool)
         for i, k in enumerate(self.opt_of):
             self.layer_slots[layer_of[i], k] = True
         self.sample = UpdateSample(local, self.names, block_size)
         self.signature = self.signature_of(pl_module, optimizers)
+        self.scale = np.asarray(self.sample.scale_host, dtype=np.float64)  # block -> whole-tensor estimate
         self.cache: collections.OrderedDict[Any, Any] = collections.OrderedDict()
-        # One row per step: [grad² per layer | per optimizer] [Δw² per layer | per optimizer]
-        # [w² per layer | per optimizer]; the last two blocks are filled by two index_add_ calls.
+        # The device ring holds one row of per-tensor *norms* per step, each written by one op:
+        # [gradient | Δw over the block | w over the block, before the step | gradient over the
+        # block (evidence for never_updated, only while some tensor has not been seen changing)].
+        P = self.P
+        self.ring_len = 4 * P
+        self.RG, self.RD, self.RB = slice(0, P), slice(P, 3 * P), slice(3 * P, 4 * P)
+        # On the host, at each flush, the rows are squared and summed into per-layer and
+        # per-optimizer figures: [grad² per layer | per optimizer] [Δw² ...] [w² ...].
         L, K1 = self.L, self.K + 1
         self.G, self.GO = slice(0, L), slice(L, L + K1)
         self.D, self.DO = slice(L + K1, 2 * L + K1), slice(2 * L + K1, 2 * L + 2 * K1)
@@ -137,7 +159,13 @@ class _Layout:
 
     def measured(self, stepped: Sequence[int]) -> np.ndarray:
         """The layers measured on a step in which the optimizer slots ``stepped`` stepped."""
-        return self.layer_slots[:, list(stepped)].any(axis=1) if stepped else np.zeros(self.L, dtype=bool)
+        key = tuple(stepped)
+        hit = self._measured.get(key)
+        if hit is None:
+            hit = self.layer_slots[:, list(stepped)].any(axis=1) if stepped else np.zeros(self.L, dtype=bool)
+            hit.setflags(write=False)
+            self._measured[key] = hit
+        return hit
 
     @staticmethod
     def signature_of(pl_module: Any, optimizers: Sequence[Any]) -> tuple:
@@ -145,24 +173,41 @@ class _Layout:
         groups = tuple(id(p) for o in optimizers for g in o.param_groups for p in g["params"])
         return trainable, groups
 
-    def indices(self, params: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor | None, list[int]]:
-        """``(positions, layers, keep, pos_list)`` of the followed ones among ``params``, cached
-        per parameter set: their positions, their layers, and ``keep`` to select their entries
-        from a per-``params`` tensor (``None`` when all are followed)."""
+    def indices(self, params: Sequence[Tensor]) -> tuple[Tensor, slice | None, Tensor | None, list[int]]:
+        """``(positions, span, keep, pos_list)`` of the followed ones among ``params``, cached
+        per parameter set: their positions (a device index, and ``span``, the same as a slice
+        when they are consecutive: one plain copy into the ring), and ``keep`` to select their
+        entries from a per-``params`` tensor (``None`` when all are followed)."""
         cache_key = tuple(map(id, params))
         hit = self.cache.get(cache_key)
         if hit is not None:
             return hit
         keep = [j for j, p in enumerate(params) if id(p) in self.pos]
         pos_list = [self.pos[id(params[j])] for j in keep]
+        consecutive = bool(pos_list) and pos_list == list(range(pos_list[0], pos_list[0] + len(pos_list)))
         entry = (
             _device_index(pos_list, self.device),
-            _device_index([self.layer_of[i] for i in pos_list], self.device),
+            slice(pos_list[0], pos_list[0] + len(pos_list)) if consecutive else None,
             None if len(keep) == len(params) else _device_index(keep, self.device),
             pos_list,
         )
         self.remember(cache_key, entry)
         return entry
+
+    def host_rows(self, sq: np.ndarray) -> np.ndarray:
+        """Per-layer and per-optimizer rows (the host layout) from ring rows of squared norms."""
+        n, P = sq.shape[0], self.P
+        grad, delta, weight = sq[:, :P], sq[:, P:2 * P] * self.scale, sq[:, 2 * P:3 * P] * self.scale
+        rows = np.zeros((n, self.row_len))
+        for values, (by_layer, by_opt) in ((grad, (self.G, self.GO)), (delta, (self.D, self.DO)),
+                                           (weight, (self.W, self.WO))):
+            # np.add.at, not a product with a one-hot matrix: a NaN must stay in its own layer
+            layer_sums = np.zeros((self.L, n))
+            np.add.at(layer_sums, self.layer_of_np, values.T)
+            opt_sums = np.zeros((self.K + 1, n))
+            np.add.at(opt_sums, self.opt_of_np, values.T)
+            rows[:, by_layer], rows[:, by_opt] = layer_sums.T, opt_sums.T
+        return rows
 
     def remember(self, key: Any, value: Any) -> None:
         self.cache[key] = value
@@ -262,7 +307,7 @@ class GradientMonitor(FlightcheckCallback):
         self._plan = _FlushPlan()
         self._pending_state: dict[str, Any] = {}
         self._batch_open = False
-        self._meta: list[tuple[int, list[float], list[int]]] = []  # (step, learning rates, stepped slots)
+        self._meta: list[tuple[int, list[float], list[int], bool]] = []
         self._reset_history()
 
     # ------------------------------------------------------------------ state
@@ -285,16 +330,21 @@ class GradientMonitor(FlightcheckCallback):
 
     def _reset_device_state(self, lay: _Layout, capacity: int) -> None:
         P, dev = len(lay.params), lay.device
-        self._ring = torch.zeros(capacity, lay.row_len, device=dev)
-        self._row = torch.zeros(lay.row_len, device=dev)
-        self._grad_steps = torch.zeros(P, device=dev)  # steps with a non-zero gradient
-        self._hits = torch.zeros(P, device=dev)  # steps whose sampled block got a non-zero finite gradient
-        self._delta_max = torch.zeros(P, device=dev)  # the largest Δw² seen
+        self._ring = torch.zeros(capacity, lay.ring_len, device=dev)
+        # per ring row, the views each step writes into (slicing costs a dispatch: done once)
+        self._grad_dest = [self._ring[i, lay.RG] for i in range(capacity)]
+        self._update_dest = [self._ring[i, lay.RD] for i in range(capacity)]
+        # per parameter, on the host, from the rows at each flush
+        self._grad_steps = np.zeros(P)  # steps with a non-zero finite gradient
+        self._hits = np.zeros(P)  # steps whose sampled block got a non-zero finite gradient
+        self._delta_max = np.zeros(P)  # the largest Δw² seen
         self._no_grad_yet = {id(p) for i, p in enumerate(lay.params) if lay.opt_of[i] < lay.K}
         self._unsettled = set(range(P))  # never seen changing: still collecting evidence
-        self._flow_open = True  # some parameter has not had a non-zero gradient yet: keep counting
         self._generation = 0
-        self._meta: list[tuple[int, list[float], list[int]]] = []  # (step, learning rates, stepped slots)
+        # (step, learning rates, stepped slots, whether the update was measured)
+        self._meta: list[tuple[int, list[float], list[int], bool]] = []
+        self._rows_taken = 0
+        self._row_measured = False
         self._batch_open = False
         self._row_due = False
         self._row_step = 0
@@ -304,7 +354,7 @@ class GradientMonitor(FlightcheckCallback):
         lay = self._layout
         per_param: dict[str, list[float]] = dict(self._pending_state.get("per_param", {}))
         if lay is not None and lay.params:
-            stats = torch.stack([self._grad_steps, self._hits, self._delta_max], 1).tolist()  # checkpoint time only
+            stats = np.stack([self._grad_steps, self._hits, self._delta_max], 1).tolist()
             for i, name in enumerate(lay.names):
                 had = 0.0 if id(lay.params[i]) in self._no_grad_yet else 1.0
                 per_param[name] = [*stats[i], had]
@@ -314,9 +364,10 @@ class GradientMonitor(FlightcheckCallback):
             # run judges them as the uninterrupted run would have (checkpoint time only)
             pending = {
                 "names": list(lay.names),
-                "row_len": lay.row_len,
+                "format": 2,  # rows of per-tensor norms
+                "row_len": lay.ring_len,
                 "rows": self._ring[: len(self._meta)].tolist(),
-                "meta": [[step, list(lrs), list(stepped)] for step, lrs, stepped in self._meta],
+                "meta": [[step, list(lrs), list(stepped), bool(took)] for step, lrs, stepped, took in self._meta],
             }
         return {
             "steps_with_grads": self._steps_with_grads,
@@ -325,7 +376,7 @@ class GradientMonitor(FlightcheckCallback):
             "ratios": {k: [list(t) for t in v] for k, v in self._ratios.items()},
             "start_weight": dict(self._start_weight),
             "peak_lr": dict(self._peak_lr),
-            "weights": list(self._weights),
+            "weights": [[s, v] for s, v in self._weights],
             "raised": [[c, s, t] for (c, s), t in self._raised.items()],
             "per_param": per_param,
             "clear_count": [[c, s, n] for (c, s), n in self._clear_count.items()],
@@ -333,7 +384,7 @@ class GradientMonitor(FlightcheckCallback):
             **({
                 "layers": list(lay.layers),
                 "layer_rms": [[float(v) for v in a] for a in self._layer_rms],
-                "layer_weights": [[float(v) for v in a] for a in self._layer_weights],
+                "layer_weights": [[s, [float(v) for v in a]] for s, a in self._layer_weights],
                 "pending": pending,
             } if lay is not None else {  # restored but not taken up yet: keep it as it came
                 k: self._pending_state.get(k) for k in ("layers", "layer_rms", "layer_weights", "pending")
@@ -350,7 +401,8 @@ class GradientMonitor(FlightcheckCallback):
         self._start_weight = dict(state.get("start_weight", {}))
         self._peak_lr = dict(state.get("peak_lr", {}))
         self._early = {k: list(v) for k, v in state.get("early", {}).items()}
-        self._weights.extend(state.get("weights", []))
+        # (step, norm) pairs; a bare norm is from a flightcheck that measured every step: no step to give it
+        self._weights.extend((int(w[0]), float(w[1])) for w in state.get("weights", []) if isinstance(w, list))
         self._raised = {(c, s): t for c, s, t in state.get("raised", [])}
         self._clear_count = {(c, s): int(n) for c, s, n in state.get("clear_count", [])}
         self._pending_state = {
@@ -368,7 +420,7 @@ class GradientMonitor(FlightcheckCallback):
             lay = _Layout(pl_module, list(getattr(trainer, "optimizers", []) or []), self.depth,
                           self.update_sample_size, world_size(trainer))
             every = int(getattr(trainer, "log_every_n_steps", 0) or 0) or 50
-            capacity = max(1, min(every, max(8, _RING_ELEMENTS // max(lay.row_len, 1))))
+            capacity = max(1, min(every, max(8, _RING_ELEMENTS // max(lay.ring_len, 1))))
             self._layout = lay
             self._reset_device_state(lay, capacity)
             self._restore_per_param(lay)
@@ -380,25 +432,23 @@ class GradientMonitor(FlightcheckCallback):
         state, self._pending_state = self._pending_state, {}
         if state.get("layers") == list(lay.layers):
             self._layer_rms.extend(np.array(a, dtype=np.float64) for a in state.get("layer_rms") or [])
-            self._layer_weights.extend(np.array(a, dtype=np.float64) for a in state.get("layer_weights") or [])
+            self._layer_weights.extend((int(w[0]), np.array(w[1], dtype=np.float64))
+                                       for w in state.get("layer_weights") or [] if len(w) == 2 and isinstance(w[1], list))
         pending = state.get("pending")
-        if (pending and pending.get("names") == lay.names and pending.get("row_len") == lay.row_len
-                and 0 < len(pending["rows"]) <= self._ring.shape[0]):
+        if (pending and pending.get("names") == lay.names and pending.get("format") == 2
+                and pending.get("row_len") == lay.ring_len and 0 < len(pending["rows"]) <= self._ring.shape[0]):
             rows = pending["rows"]
             self._ring[: len(rows)].copy_(torch.tensor(rows, dtype=self._ring.dtype))
-            self._meta = [(int(step), [float(v) for v in lrs], [int(k) for k in stepped])
-                          for step, lrs, stepped in pending["meta"]]
+            self._meta = [(int(m[0]), [float(v) for v in m[1]], [int(k) for k in m[2]], bool(m[3]))
+                          for m in pending["meta"]]
 
     def _restore_per_param(self, lay: _Layout) -> None:
         saved = self._pending_state.pop("per_param", {})
         rows = [(i, saved[n]) for i, n in enumerate(lay.names) if n in saved]
         if not rows:
             return
-        idx = torch.tensor([i for i, _ in rows], dtype=torch.long, device=lay.device)
-        vals = torch.tensor([r[:3] for _, r in rows], dtype=torch.float32, device=lay.device)
-        for column, target in enumerate((self._grad_steps, self._hits, self._delta_max)):
-            target.index_copy_(0, idx, vals[:, column])
         for i, r in rows:
+            self._grad_steps[i], self._hits[i], self._delta_max[i] = r[:3]
             if r[3] > 0:
                 self._no_grad_yet.discard(id(lay.params[i]))
             if r[2] > 0:
@@ -460,7 +510,7 @@ class GradientMonitor(FlightcheckCallback):
         if params:
             self._row_stepped.append(k)
             with torch.no_grad():
-                self._take_gradients(lay, k, params, norms)
+                self._take_gradients(lay, params, norms)
         every = self.histogram_every_n_steps
         if every and int(trainer.global_step) % every == 0:
             self._log_histograms(trainer, lay, params)
@@ -471,44 +521,39 @@ class GradientMonitor(FlightcheckCallback):
         self._row_step = int(trainer.global_step)
         self._row_lrs = [math.nan] * (lay.K + 1)
         self._row_stepped: list[int] = []  # optimizer slots that had gradients on this step
-        self._row.zero_()
+        self._row_measured = (self._rows_taken < _DENSE_UPDATE_STEPS or self._rows_taken % _UPDATE_EVERY == 0
+                              or logging_due(trainer))
+        if not self._row_measured:
+            return
         lay.sample.snapshot()
-        # Parameters in no optimizer keep their .grad (nobody zeroes it): note that they get one.
-        present = [lay.params[i] for i in lay.orphans if lay.params[i].grad is not None]
-        if present:
-            positions, _, _, pos_list = lay.indices(present)
-            if self._flow_open:
-                norms = foreach_norms([p.grad for p in present])
-                self._grad_steps.index_add_(0, positions, (norms.ne(0) & norms.isfinite()).float())
-            if self._unsettled:
-                self._gather_evidence(lay, present, pos_list)
+        # Parameters in no optimizer keep their .grad (nobody zeroes it): evidence that they get one.
+        if self._unsettled and lay.orphans:
+            present = [lay.params[i] for i in lay.orphans if lay.params[i].grad is not None]
+            if present:
+                self._gather_evidence(lay, present, lay.indices(present)[3])
 
-    def _take_gradients(self, lay: _Layout, k: int, params: list[Tensor], norms: Tensor) -> None:
-        positions, layers, keep, pos_list = lay.indices(params)
+    def _take_gradients(self, lay: _Layout, params: list[Tensor], norms: Tensor) -> None:
+        """The step's per-tensor gradient norms go into the ring row as they are: one copy."""
+        positions, span, keep, pos_list = lay.indices(params)
         if keep is not None:
+            if not pos_list:
+                return
             norms = norms.index_select(0, keep)
             params = [p for p in params if id(p) in lay.pos]
-            if not params:
-                return
-        norms = norms.to(lay.device) if norms.device != lay.device else norms
-        sq = norms.square()
-        if lay.shard_weight is not None:
-            sq = sq * lay.shard_weight.index_select(0, positions)
-        total = sq.sum()
-        self._row[lay.G].index_add_(0, layers, sq)
-        self._row[lay.GO.start + k].add_(total)
-        if self._flow_open:  # a NaN/Inf gradient is no evidence that gradient flows (NonFiniteGuard's business)
-            self._grad_steps.index_add_(0, positions, (norms.ne(0) & norms.isfinite()).float())
+        row = len(self._meta)
+        if span is not None and span.stop - span.start == lay.P:
+            self._grad_dest[row].copy_(norms)
+        else:
+            self._ring[row, lay.RG].index_copy_(0, positions, _float32_on(norms, lay.device))
         self._steps_with_grads += 1
         if self._no_grad_yet:
             self._no_grad_yet.difference_update(map(id, params))
-        if self._unsettled:
-            self._gather_evidence(lay, params, pos_list, torch.isfinite(total))
+        if self._unsettled and self._row_measured:
+            self._gather_evidence(lay, params, pos_list)
 
-    def _gather_evidence(self, lay: _Layout, params: list[Tensor], pos_list: list[int],
-                         finite: Tensor | None = None) -> None:
-        """Evidence for "never updated": the sampled block of a parameter not yet seen changing
-        got a finite non-zero gradient on this step. Stops once every parameter has changed."""
+    def _gather_evidence(self, lay: _Layout, params: list[Tensor], pos_list: list[int]) -> None:
+        """Evidence for "never updated": the gradient over the sampled block of each parameter
+        not yet seen changing. Stops once every parameter has changed."""
         cache_key = ("evidence", tuple(map(id, params)), self._generation)
         hit = lay.cache.get(cache_key)
         if hit is None:  # recomputed only when the settled set changes (at a flush)
@@ -519,10 +564,8 @@ class GradientMonitor(FlightcheckCallback):
         grads = [lay.params[i].grad for i in cand]
         if not cand or any(g is None for g in grads):
             return  # none, or the update was dropped (NonFiniteGuard's skip ran first): no evidence
-        hits = lay.sample.grad_block_norms(cand, grads) != 0
-        if finite is not None:
-            hits = hits & finite
-        self._hits.index_add_(0, cpos, hits.float())
+        norms = lay.sample.grad_block_norms(cand, grads)
+        self._ring[len(self._meta), lay.RB].index_copy_(0, cpos, _float32_on(norms, lay.device))
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         if not self._batch_open:
@@ -530,17 +573,11 @@ class GradientMonitor(FlightcheckCallback):
         lay = self._layout
         assert lay is not None
         self._batch_open = False
-        both = lay.sample.measure()  # rows: Δw², w² per tensor
-        if lay.shard_weight is not None:
-            both = both * lay.shard_weight
-        updates = self._row[lay.D.start :].view(2, lay.L + lay.K + 1)  # zero until now
-        updates[:, : lay.L].index_add_(1, lay.layer_index, both)
-        updates[:, lay.L :].index_add_(1, lay.opt_index, both)
-        if self._unsettled:
-            torch.maximum(self._delta_max, both[0], out=self._delta_max)
         n = len(self._meta)
-        self._ring[n].copy_(self._row)
-        self._meta.append((self._row_step, self._row_lrs, self._row_stepped))
+        if self._row_measured:
+            lay.sample.measure_into(self._update_dest[n])  # Δw and w norms per tensor, over the blocks
+        self._meta.append((self._row_step, self._row_lrs, self._row_stepped, self._row_measured))
+        self._rows_taken += 1
         if self._row_due:
             self._check_train_mode(trainer, pl_module)
         if self._row_due or len(self._meta) >= self._ring.shape[0]:
@@ -566,35 +603,36 @@ class GradientMonitor(FlightcheckCallback):
         lay = self._layout
         if lay is None or not lay.params or not self._meta:
             return
-        n, P, L = len(self._meta), len(lay.params), lay.L
+        n = len(self._meta)
         with torch.no_grad():
-            squares = foreach_norms(lay.params).square()
-            if lay.shard_weight is not None:
-                squares = squares * lay.shard_weight
-            sums = torch.cat([self._ring[:n].reshape(-1), group_sums(squares, lay.layer_index, L)])
-            per_param = torch.cat([self._grad_steps, self._hits, self._delta_max])
+            squares = self._ring[:n].square()
+            weights = foreach_norms(lay.params).square()
             if lay.shard_weight is not None:
                 # Sharded: every figure so far is of this rank's shards. The ranks agree (a rank
                 # whose copy failed says so here), then add up the interval's squares: whole norms.
+                squares = squares * lay.shard_weight.repeat(4)
+                weights = weights * lay.shard_weight
+                flat = torch.cat([squares.reshape(-1), weights])
                 self.agree(trainer)
-                sum_over_ranks(sums)
-                sum_over_ranks(per_param, "max")  # counts and flags: any shard's evidence counts
-            flat = torch.cat([sums, per_param])
+                sum_over_ranks(flat)
+            else:
+                flat = torch.cat([squares.reshape(-1), weights])
             host = flat.cpu().numpy().astype(np.float64)  # the one device-to-host transfer of the interval
+            self._ring[:n].zero_()  # a row's columns are written only by the steps that have them
         meta, self._meta = self._meta, []
         lay.sample.refresh()
-        rows = host[: n * lay.row_len].reshape(n, lay.row_len)
-        rest = host[n * lay.row_len :]
-        layer_w = rest[:L]
-        grad_steps, hits, delta_max = rest[L : L + P], rest[L + P : L + 2 * P], rest[L + 2 * P :]
-        # Once every parameter has changed and had a non-zero gradient, the per-parameter
-        # bookkeeping behind never_updated and gradient_flow stops (those findings are about
-        # parameters that never do): the steady-state step is a few ops lighter.
+        raw = host[: n * lay.ring_len].reshape(n, lay.ring_len)
+        layer_w = np.zeros(lay.L)
+        np.add.at(layer_w, lay.layer_of_np, host[n * lay.ring_len :])
+        rows = lay.host_rows(raw)
+        self._count_evidence(lay, raw, rows)
+        grad_steps, hits, delta_max = self._grad_steps, self._hits, self._delta_max
+        # Once every parameter has changed, the evidence behind never_updated stops being
+        # gathered (that finding is about parameters that never do): the step is an op lighter.
         changed = {i for i in self._unsettled if delta_max[i] != 0}
         if changed:
             self._unsettled -= changed
             self._generation += 1
-        self._flow_open = bool(self._no_grad_yet) or bool((grad_steps == 0).any())
 
         step = meta[-1][0]
         metrics = self._absorb_rows(lay, rows, meta, _norm_clip(trainer))
@@ -604,6 +642,18 @@ class GradientMonitor(FlightcheckCallback):
         verdicts += self._judge_parameters(lay, grad_steps, hits, delta_max, step)
         for slot, verdict, at in verdicts:
             self._raise(trainer, slot, verdict, at)
+
+    def _count_evidence(self, lay: _Layout, raw: np.ndarray, rows: np.ndarray) -> None:
+        """Per parameter, from the interval's rows: steps with a finite non-zero gradient, steps
+        whose sampled block got one (while its optimizer's step was finite), the largest Δw²."""
+        P = lay.P
+        grad, block = raw[:, :P], raw[:, 3 * P :]
+        with np.errstate(invalid="ignore"):
+            self._grad_steps += ((grad != 0) & np.isfinite(grad)).sum(axis=0)
+            step_finite = np.isfinite(rows[:, lay.GO])[:, lay.opt_of_np]  # a NaN step is no evidence
+            self._hits += ((block != 0) & np.isfinite(block) & step_finite).sum(axis=0)
+            # NaN propagates (np.maximum): a parameter that went NaN changed
+            self._delta_max = np.maximum(self._delta_max, (raw[:, P : 2 * P] * lay.scale).max(axis=0))
 
     def _series_name(self, lay: _Layout, k: int) -> str:
         if k == lay.K:
@@ -620,20 +670,29 @@ class GradientMonitor(FlightcheckCallback):
         metrics: dict[str, float] = {}
         fresh: dict[str, list[tuple[float, int, str | None]]] = {}  # per series: (norm, step, top layer)
         totals = []
-        for row, (step, lrs, stepped) in zip(rows, meta):
-            g_layer, g_opt, d_opt, w_opt, w_layer = row[lay.G], row[lay.GO], row[lay.DO], row[lay.WO], row[lay.W]
-            measured = lay.measured(stepped)
+        # the per-layer arithmetic for every row at once; only the per-optimizer series loop
+        measured = np.stack([lay.measured(stepped) for _, _, stepped, _ in meta])
+        g_layers, w_layers = rows[:, lay.G], rows[:, lay.W]
+        with np.errstate(all="ignore"):
+            rms = np.where(measured & (g_layers > 0), np.sqrt(g_layers / numel), np.nan)
+            tops = np.argmax(np.where(measured, g_layers, -1.0), axis=1)
+            d_all, w_all = np.nansum(rows[:, lay.DO][:, : lay.K], axis=1), np.nansum(rows[:, lay.WO][:, : lay.K], axis=1)
+            ratio_all = np.sqrt(d_all / w_all)
+            w_total = np.sqrt(w_layers.sum(axis=1))
+            w_each = np.sqrt(w_layers)
+        w_finite = np.isfinite(w_layers).all(axis=1)
+        for i, (row, (step, lrs, stepped, took)) in enumerate(zip(rows, meta)):
+            g_opt, d_opt, w_opt = row[lay.GO], row[lay.DO], row[lay.WO]
             top = None
             if stepped:  # charted as it is, inf or NaN included
-                totals.append(float(np.sqrt(sum(g_opt[k] for k in stepped))))
+                totals.append(math.sqrt(sum(float(g_opt[k]) for k in stepped)))
                 metrics["flightcheck/grad_norm/total"] = totals[-1]
-            if measured.any():
-                top = lay.layers[int(np.argmax(np.where(measured, g_layer, -1.0)))]
-                with np.errstate(invalid="ignore"):
-                    self._layer_rms.append(np.where(measured & (g_layer > 0), np.sqrt(g_layer / numel), np.nan))
+            if measured[i].any():
+                top = lay.layers[int(tops[i])]
+                self._layer_rms.append(rms[i])
             for k in stepped:
                 name = self._series_name(lay, k)
-                value = float(np.sqrt(g_opt[k]))
+                value = math.sqrt(float(g_opt[k]))
                 if lay.K > 1:
                     metrics[f"flightcheck/grad_norm/{name}"] = value
                 if not value > 0 or not math.isfinite(value):
@@ -642,19 +701,22 @@ class GradientMonitor(FlightcheckCallback):
                 if len(early) < judge.EARLY_STEPS:
                     early.append(value)
                 fresh.setdefault(name, []).append((value, step, top))
+                if not took:
+                    continue  # the update was not measured on this step
                 self._start_weight.setdefault(name, float(w_opt[k]))
-                ratio = float(np.sqrt(d_opt[k] / w_opt[k])) if w_opt[k] > 0 and np.isfinite(d_opt[k]) else 0.0
+                ratio = math.sqrt(d_opt[k] / w_opt[k]) if w_opt[k] > 0 and math.isfinite(d_opt[k]) else 0.0
                 if ratio > 0:  # 0: the optimizer skipped this step (fp16 overflow, learning rate 0)
                     history = self._ratios.setdefault(name, collections.deque(maxlen=judge.UPDATE_RATIO_WINDOW))
                     history.append((step, ratio, lrs[k]))
                     if math.isfinite(lrs[k]):
                         self._peak_lr[name] = max(self._peak_lr.get(name, 0.0), lrs[k])
-            d_all, w_all = np.nansum(d_opt[: lay.K]), np.nansum(w_opt[: lay.K])
-            if w_all > 0 and np.isfinite(d_all):
-                metrics["flightcheck/update_ratio/total"] = float(np.sqrt(d_all / w_all))
-            if np.all(np.isfinite(w_layer)):
-                self._weights.append(float(np.sqrt(w_layer.sum())))
-                self._layer_weights.append(np.sqrt(w_layer))
+            if not took:
+                continue
+            if w_all[i] > 0 and math.isfinite(d_all[i]):
+                metrics["flightcheck/update_ratio/total"] = float(ratio_all[i])
+            if w_finite[i]:
+                self._weights.append((step, float(w_total[i])))
+                self._layer_weights.append((step, w_each[i]))
         if totals:
             metrics["flightcheck/grad_norm/interval_max"] = float(np.nanmax(totals)) if not np.isnan(totals).all() \
                 else math.nan
@@ -719,11 +781,14 @@ class GradientMonitor(FlightcheckCallback):
                 self._vanishing_layers = set(verdict.data["layers"])
             verdicts.append((("grad_vanishing", ""), verdict, step))
         fastest = None
-        if len(self._layer_weights) == self._layer_weights.maxlen:
-            first, last = self._layer_weights[0], self._layer_weights[-1]
+        if self._layer_weights:
+            end = self._layer_weights[-1][0]
+            window = [w for s, w in self._layer_weights if s >= end - judge.WEIGHT_GROWTH_WINDOW]
+            first, last = window[0], window[-1]
             with np.errstate(all="ignore"):
                 fastest = lay.layers[int(np.argmax(np.where(first > 0, last / first, 0.0)))]
-        verdict = judge.weight_growth(self._weights, factor=self.weight_growth_factor, top_layer=fastest)
+        at, norms = zip(*self._weights) if self._weights else ((), ())
+        verdict = judge.weight_growth(norms, steps=at, factor=self.weight_growth_factor, top_layer=fastest)
         verdicts.append((("weight_growth", ""), verdict, step))
         return verdicts
 
@@ -797,10 +862,11 @@ class GradientMonitor(FlightcheckCallback):
         """Per-layer scalars at a logging step: the charted layers, and the rest summed as ``other``."""
         metrics = {"flightcheck/weight_norm/total": float(np.sqrt(layer_w.sum()))}
         grad = np.full(lay.L, np.nan)
-        for row, (_, _, stepped) in zip(rows, meta):  # the latest measurement of every layer
+        for row, (_, _, stepped, _) in zip(rows, meta):  # the latest measurement of every layer
             fresh = lay.measured(stepped)
             grad[fresh] = row[lay.G][fresh]
-        delta, weight = rows[-1][lay.D], rows[-1][lay.W]
+        took = [i for i, m in enumerate(meta) if m[3]]  # the latest step whose update was measured
+        delta, weight = (rows[took[-1]][lay.D], rows[took[-1]][lay.W]) if took else (np.zeros(lay.L), np.zeros(lay.L))
         charted = self._charted(lay)
         rest = np.ones(lay.L, dtype=bool)
         rest[charted] = False

@@ -660,15 +660,16 @@ class _Ring:
         self.totals = totals  # keep each row's L2 norm too (the global gradient norm of a step)
         self.columns = _cached(columns)
         self.values = torch.empty((capacity, width), dtype=torch.float32, device=device)
+        self._row_views = list(self.values.unbind(0))  # indexing costs a dispatch per write: once here
         self.rows: list[tuple[int, int]] = []
         self.stale: list[tuple[bool, ...] | None] = []
 
     def write(self, pieces: Sequence[Tensor], row: tuple[int, int], stale: tuple[bool, ...] | None) -> None:
-        out = self.values[len(self.rows)]
+        out = self._row_views[len(self.rows)]
         if len(pieces) == 1 and pieces[0].shape == out.shape:
             out.copy_(pieces[0])
         else:
-            torch.cat([p.reshape(-1) for p in pieces], out=out)
+            torch.cat([p if p.dim() == 1 else p.reshape(-1) for p in pieces], out=out)
         self.rows.append(row)
         self.stale.append(stale)
 

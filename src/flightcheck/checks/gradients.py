@@ -88,6 +88,9 @@ DECAYED_LR_FRACTION = 0.5
 #: jump grows only one half). Healthy growth from initialisation is a few tens of percent.
 WEIGHT_GROWTH_FACTOR = 3.0
 WEIGHT_GROWTH_WINDOW = 20
+#: ... judged on at least this many measurements of the window when the weights were measured
+#: only every few steps (each half of the window then still has two or more).
+WEIGHT_GROWTH_MIN_POINTS = 5
 #: ... and not slowing down: the second half's log-growth is at least this fraction of the
 #: first's. Divergence grows exponentially (equal halves) or faster; weights growing from a
 #: zero or tiny initialisation grow like a power of the step, whose log-growth falls off
@@ -274,6 +277,7 @@ def weight_growth(
     factor: float = WEIGHT_GROWTH_FACTOR,
     window: int = WEIGHT_GROWTH_WINDOW,
     top_layer: str | None = None,
+    steps: Sequence[int] | None = None,
 ) -> Verdict | None:
     """A sustained, not-slowing growth of the weight norm over the last ``window`` steps.
 
@@ -282,10 +286,27 @@ def weight_growth(
             ``window + 1`` values are judged.
         factor: the growth across the window; each half must grow by ``sqrt(factor)``.
         top_layer: the layer that grew fastest, named in the message when given.
+        steps: the optimizer step of each norm, when they were measured only every few
+            steps: then the norms of the last ``window`` steps are judged, at least
+            ``WEIGHT_GROWTH_MIN_POINTS`` of them covering at least 3/4 of the window.
     """
-    series = finite(norms)[-(window + 1) :]
-    if series.size < window + 1 or series[0] <= 0:
-        return None
+    if steps is None:
+        series = finite(norms)[-(window + 1) :]
+        if series.size < window + 1 or series[0] <= 0:
+            return None
+        span = window
+    else:
+        pairs = [(int(s), float(v)) for s, v in zip(steps, norms) if math.isfinite(v)]
+        if not pairs:
+            return None
+        last = pairs[-1][0]
+        recent = [(s, v) for s, v in pairs if s >= last - window]
+        if len(recent) < WEIGHT_GROWTH_MIN_POINTS or last - recent[0][0] < 0.75 * window:
+            return None
+        series = np.array([v for _, v in recent])
+        span = last - recent[0][0]
+        if series[0] <= 0:
+            return None
     halves = growth_by_part(series, parts=2)
     if not halves or min(halves) < math.sqrt(factor):
         return None
@@ -296,7 +317,7 @@ def weight_growth(
     return Verdict(
         check="weight_growth",
         severity=Severity.WARNING,
-        message=f"The weight norm grew {_fmt(grown)}x in the last {window} steps "
+        message=f"The weight norm grew {_fmt(grown)}x in the last {span} steps "
         f"(from {_fmt(series[0])} to {_fmt(series[-1])}) and is not slowing down{where}.",
         causes=(
             "the learning rate is too high: the run is diverging",

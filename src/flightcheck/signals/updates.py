@@ -74,14 +74,16 @@ class UpdateSample:
         self.params = list(params)
         self.spans = [block_span(tuple(p.shape), size, name) for p, name in zip(self.params, names)]
         device = self.params[0].device if self.params else torch.device("cpu")
-        self.scale = torch.tensor(
-            [p.numel() / length if length else 0.0 for p, (_, length) in zip(self.params, self.spans)],
-            dtype=torch.float32,
-            device=device,
-        )
+        #: per tensor, ``numel / block``: scales a block's squared norm to the whole tensor's
+        self.scale_host = [p.numel() / length if length else 0.0 for p, (_, length) in zip(self.params, self.spans)]
+        self.scale = torch.tensor(self.scale_host, dtype=torch.float32, device=device)
         self._before = [torch.empty(length, dtype=p.dtype, device=p.device) for p, (_, length) in
                         zip(self.params, self.spans)]
         self._views = blocks(self.params, self.spans)
+        # norms come out float32 on one device: stacked straight into the caller's buffer
+        self._half = any(p.dtype in (torch.float16, torch.bfloat16) for p in self.params)
+        self._plain = all(p.device == device and p.dtype in (torch.float32, torch.float16, torch.bfloat16)
+                          for p in self.params)
 
     def refresh(self) -> None:
         """Re-take the block views of tensors whose storage was replaced (``param.data = ...``).
@@ -111,6 +113,23 @@ class UpdateSample:
         with torch.no_grad():
             delta = torch._foreach_sub(self._views, self._before)
             return foreach_norms([*delta, *self._before]).square().view(2, -1) * self.scale  # one fused read
+
+    def measure_into(self, out: Tensor) -> None:
+        """Write the step's per-tensor norms into ``out`` (a float32 device tensor of ``2 *
+        tensors`` elements): the norms of the change, then of the weights before it; *not*
+        squared and *not* scaled (multiply the squares by :attr:`scale` for whole-tensor
+        estimates). Three fused ops and no allocation beyond the difference: the cheap form
+        of :meth:`measure` for a caller that keeps its own buffer."""
+        if not self.params:
+            return
+        with torch.no_grad():
+            delta = torch._foreach_sub(self._views, self._before)
+            norms = torch._foreach_norm(self._wide([*delta, *self._before]))
+            torch.stack(norms, out=out) if self._plain else out.copy_(
+                torch.stack([n.to(device=out.device, dtype=out.dtype) for n in norms]))
+
+    def _wide(self, tensors: list[Tensor]) -> list[Tensor]:
+        return tensors if not self._half else [t.float() for t in tensors]
 
     def grad_block_norms(self, positions: Sequence[int], grads: Sequence[Tensor]) -> Tensor:
         """Norms of the gradient over the same blocks, for the tensors at ``positions``.
