@@ -238,6 +238,20 @@ def test_learning_rate_collapsing_early_in_the_run_is_too_small():
     assert verdict is not None and "before half the run" in verdict.message
 
 
+def test_learning_rate_a_thousandfold_below_its_peak_early_is_reported_at_once():
+    # a few ratios only: the collapse itself is the evidence, no window needed
+    verdict = judge.update_ratio([1e-4, 1e-6], learning_rates=[1e-4, 1e-6], steps=[20, 30], peak_learning_rate=1e-3,
+                                 progress=0.1)
+    assert verdict is not None and "by step 30" in verdict.message and "per epoch" not in verdict.message
+    assert "every epoch" in verdict.causes[0]
+    # the same level at the end of a planned decay, or with no planned end known, is not
+    for progress in (0.6, None):
+        assert judge.update_ratio([1e-6] * 2, learning_rates=[1e-6] * 2, peak_learning_rate=1e-3,
+                                  progress=progress) is None
+    # a hundredfold decay early is a schedule, not a collapse
+    assert judge.update_ratio([1e-5] * 2, learning_rates=[1e-5] * 2, peak_learning_rate=1e-3, progress=0.1) is None
+
+
 def test_parameters_with_gradients_that_never_change_are_named():
     verdict = judge.never_updated({"head2": ["head2.weight", "head2.bias"]}, steps=12, orphans=["head2.weight",
                                                                                                "head2.bias"])

@@ -82,6 +82,12 @@ LIVE_GRADIENT_FRACTION = 0.1
 WARMUP_LR_RISE = 1.1
 #: A learning rate below this fraction of the run's peak has been decayed.
 DECAYED_LR_FRACTION = 0.5
+#: A learning rate below this fraction of its peak before half the planned run has collapsed:
+#: the updates have stopped, whatever the update ratio's window says yet. A schedule that
+#: decays on purpose gets there at the end of the run (cosine, OneCycle: the last few
+#: percent); a scheduler stepped every batch instead of every epoch gets there in a few
+#: dozen steps. (The same ratio as ``checks.curves.LR_COLLAPSE_RATIO``.)
+LR_COLLAPSE_RATIO = 1e-3
 
 #: Weight growth: the total weight norm grew by this factor within ``WEIGHT_GROWTH_WINDOW``
 #: steps, by at least its square root in each half of the window (a sustained trend: a single
@@ -385,6 +391,24 @@ def update_ratio(
                 target=target,
                 data={"ratio": ratios[worst], "max_step_ratio": max_step_ratio},
             )
+    lrs_now = finite(learning_rates)
+    if (lrs_now.size and peak_learning_rate and progress is not None and progress < 0.5
+            and 0 < lrs_now[-1] <= LR_COLLAPSE_RATIO * peak_learning_rate):
+        lr, at = float(lrs_now[-1]), (f" by step {list(steps)[-1]}" if len(steps) else "")
+        return Verdict(
+            check="update_ratio",
+            severity=Severity.WARNING,
+            message=f"The learning rate fell to {_fmt(lr)}{at}, {_fmt(lr / peak_learning_rate)} of its peak "
+            f"{_fmt(peak_learning_rate)}, before half the run: the weights have practically stopped moving.",
+            causes=("a scheduler stepped every batch where it was meant to step every epoch (check its "
+                    "interval: 'step' vs 'epoch', or where scheduler.step() is called)",
+                    "a decay factor or step size meant for a run of another length"),
+            advice=("step the scheduler once per epoch (lr_scheduler_config interval='epoch'), or size its "
+                    "step_size / T_max in optimizer steps",),
+            target=target,
+            data={"learning_rate": lr, "peak_learning_rate": peak_learning_rate, "progress": progress,
+                  "collapse_ratio": LR_COLLAPSE_RATIO},
+        )
     series = finite(ratios)
     if series.size < window:
         return None
