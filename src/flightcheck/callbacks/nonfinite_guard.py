@@ -171,7 +171,7 @@ class NonFiniteGuard(FlightcheckCallback):
         self._window_open = False
         self._batch_step = 0
         self._batch_idx = -1
-        self._data: tuple[tuple[str, ...], Tensor] | None = None
+        self._data: tuple[tuple[str, ...], list[Tensor]] | None = None
         self._losses: list[Tensor] = []
         self._flushed = False
         self._last_logged: dict[str, Tensor] = {}
@@ -209,12 +209,11 @@ class NonFiniteGuard(FlightcheckCallback):
         self._batch_idx = int(batch_idx)
         self._batches_since_look += 1
         self._losses, self._flushed = [], False
-        # One fused read of the batch's float tensors: a late look can still tell that the
-        # non-finite value came in with the data, after the batch itself is gone.
+        # The batch's float tensors, read (one norm each) when the batch's row is written: a
+        # late look can still tell that the non-finite value came in with the data, after the
+        # batch itself is gone.
         floats = [(path, t) for path, t in tensors_in(batch) if t.is_floating_point() and t.numel() > 0]
-        self._data = None
-        if floats:
-            self._data = (tuple(path for path, _ in floats), foreach_norms([t.detach() for _, t in floats]))
+        self._data = (tuple(path for path, _ in floats), [t for _, t in floats]) if floats else None
 
     def on_before_backward(self, trainer: Any, pl_module: Any, loss: Tensor) -> None:
         if not isinstance(loss, Tensor) or loss.numel() == 0:
@@ -283,7 +282,9 @@ class NonFiniteGuard(FlightcheckCallback):
             return
         self._last_logged.update(logged)
         data = self._data if not self._flushed else None
-        pieces = ([data[1]] if data else []) + self._losses + [_as_scalar(v) for v in logged.values()]
+        with torch.no_grad():
+            norms = [torch.linalg.vector_norm(t) for t in data[1]] if data else []
+        pieces = norms + self._losses + [_as_scalar(v) for v in logged.values()]
         if pieces:
             layout = (data[0] if data else (), len(self._losses), tuple(logged))
 
@@ -666,10 +667,13 @@ class _Ring:
 
     def write(self, pieces: Sequence[Tensor], row: tuple[int, int], stale: tuple[bool, ...] | None) -> None:
         out = self._row_views[len(self.rows)]
-        if len(pieces) == 1 and pieces[0].shape == out.shape:
-            out.copy_(pieces[0])
-        else:
-            torch.cat([p if p.dim() == 1 else p.reshape(-1) for p in pieces], out=out)
+        with torch.no_grad():
+            if len(pieces) == 1 and pieces[0].shape == out.shape:
+                out.copy_(pieces[0])
+            elif all(p.dim() == 0 for p in pieces):
+                torch.stack(list(pieces), out=out)  # the batch's scalars: one op
+            else:
+                torch.cat([p if p.dim() == 1 else p.reshape(-1) for p in pieces], out=out)
         self.rows.append(row)
         self.stale.append(stale)
 
@@ -865,9 +869,11 @@ def _logged_training_values(trainer: Any) -> dict[str, Tensor]:
 
 
 def _as_scalar(t: Tensor) -> Tensor:
-    """A one-element float view of a logged value or loss (its sum when it has more)."""
+    """A 0-d view of a logged value or loss (its sum when it has more), detached."""
     t = t.detach()
-    return (t if t.numel() == 1 else t.float().sum()).reshape(1)
+    if t.dim() == 0:
+        return t
+    return t.reshape(()) if t.numel() == 1 else t.float().sum()
 
 
 def _finite_metrics(trainer: Any, events: Sequence[NonFiniteEvent]) -> list[str]:
