@@ -273,7 +273,7 @@ class NonFiniteGuard(FlightcheckCallback):
 
     # ------------------------------------------------------------------ gathering
     def _flush_batch(self, trainer: Any) -> None:
-        """Write this batch's data norms, losses and logged values as one row (one ``cat``)."""
+        """Write this batch's data norms, losses and logged values as one row (one ``stack``)."""
         logged = _logged_training_values(trainer)
         # Lightning keeps a metric's last value until it is logged again; each ``self.log``
         # stores a new tensor, so identity tells a fresh value from a repeated one.
@@ -295,6 +295,7 @@ class NonFiniteGuard(FlightcheckCallback):
             self._records.write("batch", layout, columns, pieces, (self._batch_step, self._batch_idx), stale,
                                 evidence=len(layout[0]))
         self._losses, self._flushed = [], True
+        self._data = None  # read: the batch's tensors are not held past its row
 
     # ------------------------------------------------------------------ deciding (skip / stop / raise)
     def _decide(self, trainer: Any, pl_module: Any, optimizer: Any, params: Sequence[Tensor], norms: Tensor,
