@@ -192,6 +192,30 @@ def test_update_ratio_is_charted_and_judged_past_the_dense_start(tmp_path):
     assert [f for f in _loud(monitor) if f.check != "update_ratio"] == []
 
 
+class NaNInASideParameter(TinyClassifier):
+    """A parameter outside the forward path (a buffer-like side weight) turns NaN at step 7;
+    the network itself keeps training normally."""
+
+    def __init__(self):
+        super().__init__()
+        self.side = nn.Linear(2, 2)
+
+    def on_train_batch_start(self, batch, batch_idx):
+        if self.global_step == 7:
+            with torch.no_grad():
+                self.side.weight[0, 0] = float("nan")
+
+
+def test_a_nan_in_one_layer_leaves_the_other_layers_charts_intact(tmp_path):
+    monitor, _ = _fit(tmp_path, NaNInASideParameter(), steps=15)
+    acc = _scalar_tags(tmp_path / "logs" / "version_0")
+    net = {e.step for e in acc.Scalars("flightcheck/weight_norm/layers/net.0")}
+    side = {e.step for e in acc.Scalars("flightcheck/weight_norm/layers/side")}
+    assert {4, 9, 14} <= net  # still charted after the NaN elsewhere
+    assert 4 in side and not any(step >= 7 for step in side)  # NaN from step 7: not charted
+    assert [f for f in monitor.findings if f.check == "internal_error"] == []
+
+
 def test_tensorboard_gets_totals_first_and_layers_in_a_sub_folder(tmp_path):
     _fit(tmp_path, TinyClassifier(), steps=20)
     acc = _scalar_tags(tmp_path / "logs" / "version_0")

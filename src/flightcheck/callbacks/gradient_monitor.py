@@ -94,6 +94,25 @@ def _float32_on(t: Tensor, device: torch.device) -> Tensor:
     return t if t.device == device and t.dtype == torch.float32 else t.to(device=device, dtype=torch.float32)
 
 
+def _grouping(index: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(order, starts, groups)`` to sum columns by ``index`` with one ``np.add.reduceat``."""
+    order = np.argsort(index, kind="stable")
+    if not index.size:
+        return order, np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    starts = np.flatnonzero(np.r_[True, np.diff(index[order]) != 0])
+    return order, starts, index[order][starts]
+
+
+def _group_sums(values: np.ndarray, grouping: tuple[np.ndarray, np.ndarray, np.ndarray], groups: int) -> np.ndarray:
+    """Per row of ``values`` (rows x columns), the sums of the columns of each group; a NaN stays
+    in its own group (a product with a one-hot matrix would spread it: NaN x 0 is NaN)."""
+    order, starts, ids = grouping
+    out = np.zeros((values.shape[0], groups))
+    if starts.size:
+        out[:, ids] = np.add.reduceat(values[:, order], starts, axis=1)
+    return out
+
+
 def _learning_rate(optimizer: Any) -> float:
     groups = getattr(optimizer, "param_groups", None) or [{}]
     lr = groups[0].get("lr")
@@ -133,6 +152,7 @@ class _Layout:
         self.P = len(self.params)
         self.layer_of_np = np.asarray(layer_of, dtype=np.int64)
         self.opt_of_np = np.asarray(self.opt_of, dtype=np.int64)
+        self.by_layer, self.by_opt = _grouping(self.layer_of_np), _grouping(self.opt_of_np)
         # which optimizer slots hold parameters of each layer: a layer is measured on a step
         # when one of them stepped (host-side, so the device row needs no "not measured" mark)
         self._measured: dict[tuple[int, ...], np.ndarray] = {}
@@ -201,12 +221,8 @@ class _Layout:
         rows = np.zeros((n, self.row_len))
         for values, (by_layer, by_opt) in ((grad, (self.G, self.GO)), (delta, (self.D, self.DO)),
                                            (weight, (self.W, self.WO))):
-            # np.add.at, not a product with a one-hot matrix: a NaN must stay in its own layer
-            layer_sums = np.zeros((self.L, n))
-            np.add.at(layer_sums, self.layer_of_np, values.T)
-            opt_sums = np.zeros((self.K + 1, n))
-            np.add.at(opt_sums, self.opt_of_np, values.T)
-            rows[:, by_layer], rows[:, by_opt] = layer_sums.T, opt_sums.T
+            rows[:, by_layer] = _group_sums(values, self.by_layer, self.L)
+            rows[:, by_opt] = _group_sums(values, self.by_opt, self.K + 1)
         return rows
 
     def remember(self, key: Any, value: Any) -> None:
@@ -622,8 +638,7 @@ class GradientMonitor(FlightcheckCallback):
         meta, self._meta = self._meta, []
         lay.sample.refresh()
         raw = host[: n * lay.ring_len].reshape(n, lay.ring_len)
-        layer_w = np.zeros(lay.L)
-        np.add.at(layer_w, lay.layer_of_np, host[n * lay.ring_len :])
+        layer_w = _group_sums(host[None, n * lay.ring_len :], lay.by_layer, lay.L)[0]
         rows = lay.host_rows(raw)
         self._count_evidence(lay, raw, rows)
         grad_steps, hits, delta_max = self._grad_steps, self._hits, self._delta_max
