@@ -295,6 +295,19 @@ def test_manual_optimisation_with_two_optimizers_charts_each(tmp_path):
     assert {"flightcheck/grad_norm/optimizer_0", "flightcheck/grad_norm/optimizer_1"} <= tags
 
 
+def test_optimizers_taking_turns_each_get_their_update_ratio_charted_past_the_dense_start(tmp_path):
+    """After the first 100 steps each optimizer's update is measured every 4th of its own steps:
+    a stride over all steps would never see the optimizer of the odd batches."""
+    monitor, _ = _fit(tmp_path, TwoOptimizersManual(), steps=200, data=_noisy_clusters())
+    acc = _scalar_tags(tmp_path / "logs" / "version_0")
+    for layer in ("net.0", "net.2"):  # net.0 is stepped by optimizer 0, net.2 by optimizer 1
+        late = [e for e in acc.Scalars(f"flightcheck/update_ratio/layers/{layer}") if e.step > 150]
+        assert late and all(e.value > 0 for e in late), layer
+    late_ratios = [step for step, _, _ in monitor._ratios["optimizer_1"] if step > 150]
+    assert len(late_ratios) >= 25 // 4  # its 25 steps after step 150, each 4th one at least
+    assert _loud(monitor) == []
+
+
 def test_gradient_accumulation_is_judged_once_per_optimizer_step(tmp_path):
     monitor, trainer = _fit(tmp_path, TinyClassifier(), steps=12, batch_size=8, accumulate_grad_batches=3)
     assert trainer.global_step == 12 and monitor._steps_with_grads == 12

@@ -360,6 +360,7 @@ class GradientMonitor(FlightcheckCallback):
         # (step, learning rates, stepped slots, whether the update was measured)
         self._meta: list[tuple[int, list[float], list[int], bool]] = []
         self._rows_taken = 0
+        self._unmeasured = [0] * (lay.K + 1)  # per optimizer slot: its steps since its update was measured
         self._row_measured = False
         self._batch_open = False
         self._row_due = False
@@ -519,7 +520,7 @@ class GradientMonitor(FlightcheckCallback):
             return
         k = lay.opt_slot.get(id(optimizer), lay.K)
         if not self._batch_open:
-            self._open_row(trainer, lay)
+            self._open_row(trainer, lay, k)
         self._row_due = self._row_due or logging_due(trainer)
         self._row_lrs[k] = _learning_rate(optimizer)
         params, norms = step_grad_norms(trainer, optimizer)
@@ -531,14 +532,16 @@ class GradientMonitor(FlightcheckCallback):
         if every and int(trainer.global_step) % every == 0:
             self._log_histograms(trainer, lay, params)
 
-    def _open_row(self, trainer: Any, lay: _Layout) -> None:
+    def _open_row(self, trainer: Any, lay: _Layout, k: int) -> None:
         self._batch_open = True
         self._row_due = False
         self._row_step = int(trainer.global_step)
         self._row_lrs = [math.nan] * (lay.K + 1)
         self._row_stepped: list[int] = []  # optimizer slots that had gradients on this step
-        self._row_measured = (self._rows_taken < _DENSE_UPDATE_STEPS or self._rows_taken % _UPDATE_EVERY == 0
-                              or logging_due(trainer))
+        # Every optimizer's update is measured at least every _UPDATE_EVERY of its own steps (a
+        # stride over the rows would alias with optimizers that take turns, as in a GAN).
+        self._row_measured = (self._rows_taken < _DENSE_UPDATE_STEPS or logging_due(trainer)
+                              or self._unmeasured[k] >= _UPDATE_EVERY - 1)
         if not self._row_measured:
             return
         lay.sample.snapshot()
@@ -594,6 +597,8 @@ class GradientMonitor(FlightcheckCallback):
             lay.sample.measure_into(self._update_dest[n])  # Δw and w norms per tensor, over the blocks
         self._meta.append((self._row_step, self._row_lrs, self._row_stepped, self._row_measured))
         self._rows_taken += 1
+        for k in self._row_stepped:
+            self._unmeasured[k] = 0 if self._row_measured else self._unmeasured[k] + 1
         if self._row_due:
             self._check_train_mode(trainer, pl_module)
         if self._row_due or len(self._meta) >= self._ring.shape[0]:
@@ -877,11 +882,12 @@ class GradientMonitor(FlightcheckCallback):
         """Per-layer scalars at a logging step: the charted layers, and the rest summed as ``other``."""
         metrics = {"flightcheck/weight_norm/total": float(np.sqrt(layer_w.sum()))}
         grad = np.full(lay.L, np.nan)
-        for row, (_, _, stepped, _) in zip(rows, meta):  # the latest measurement of every layer
+        delta, weight = np.zeros(lay.L), np.zeros(lay.L)
+        for row, (_, _, stepped, took) in zip(rows, meta):  # the latest measurement of every layer
             fresh = lay.measured(stepped)
             grad[fresh] = row[lay.G][fresh]
-        took = [i for i, m in enumerate(meta) if m[3]]  # the latest step whose update was measured
-        delta, weight = (rows[took[-1]][lay.D], rows[took[-1]][lay.W]) if took else (np.zeros(lay.L), np.zeros(lay.L))
+            if took:  # and the latest update of it that was measured (its optimizer stepped)
+                delta[fresh], weight[fresh] = row[lay.D][fresh], row[lay.W][fresh]
         charted = self._charted(lay)
         rest = np.ones(lay.L, dtype=bool)
         rest[charted] = False
