@@ -70,9 +70,10 @@ _RING_ELEMENTS = 2**20
 #: The update ratio needs each tensor's sampled block copied before the step and compared
 #: after it: four small fused ops, on a CPU about as much as the rest of the monitor. It is
 #: measured on every step for the first ``_DENSE_UPDATE_STEPS`` steps (where a learning rate
-#: far off and parameters that never update show), on every logging step, and on every
-#: ``_UPDATE_EVERY``-th step in between: the ratio's median and the weights' growth are trends
-#: over tens of steps, and a step that blows the weights up also shows in the gradients.
+#: far off and parameters that never update show), on every logging step, and in between on
+#: every ``_UPDATE_EVERY``-th step of each optimizer: the ratio's median and the weights'
+#: growth are trends over tens of steps, and a step that blows the weights up also shows in
+#: the gradients.
 _DENSE_UPDATE_STEPS = 100
 _UPDATE_EVERY = 4
 #: A finding is re-armed (reported again if it comes back) after its judge found the run
