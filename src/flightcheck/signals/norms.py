@@ -70,10 +70,11 @@ def foreach_norms(tensors: Sequence[Tensor]) -> Tensor:
 
 def _cpu_norms(tensors: Sequence[Tensor]) -> Tensor:
     """Per-tensor norms of float32 CPU tensors. There ``_foreach_norm`` has no fused kernel (it
-    loops over ``linalg_vector_norm``); a BLAS dot product of each tensor with itself reads it
-    about 1.7x faster (measured on a 10M-parameter MLP's gradients, 2 threads). It accumulates
-    in float32: a norm beyond ~1.8e19 reads as inf, which callers treat as non-finite only
-    after counting the tensor's NaN/Inf elements (see ``NonFiniteGuard``)."""
+    loops over ``linalg_vector_norm``); a BLAS dot product of each large tensor with itself
+    reads it 1.5-1.7x faster (a 10M-parameter MLP's gradients, 2 threads: 1.1 ms -> 0.65 ms
+    alone, 1.27 -> 0.86 ms inside training). Like ``linalg_vector_norm`` on a CPU it overflows
+    to inf for a norm beyond ~1.8e19; callers treat that as non-finite only after counting the
+    tensor's NaN/Inf elements (``NonFiniteGuard``)."""
     squares: list[Tensor | None] = [None] * len(tensors)
     small = []
     for i, t in enumerate(tensors):
