@@ -51,17 +51,19 @@ def _tensorboard_event(logger: Any, metrics: Mapping[str, float], step: int) -> 
     """
     experiment = _tensorboard_experiment(logger)
     get_writer = getattr(experiment, "_get_file_writer", None)
-    if get_writer is None:
+    # torch's SummaryWriter only: tensorboardX's writer takes its own protobuf classes
+    if get_writer is None or not type(experiment).__module__.startswith("torch.utils.tensorboard"):
         return False
     try:
         from tensorboard.compat.proto.summary_pb2 import Summary
-    except ImportError:
+
+        prefix = getattr(logger, "_prefix", "") or ""
+        join = getattr(logger, "LOGGER_JOIN_CHAR", "-")
+        values = [Summary.Value(tag=f"{prefix}{join}{tag}" if prefix else tag, simple_value=float(value))
+                  for tag, value in metrics.items()]
+        get_writer().add_summary(Summary(value=values), step)
+    except Exception:  # noqa: BLE001 - an unexpected writer or protobuf: the ordinary path then
         return False
-    prefix = getattr(logger, "_prefix", "") or ""
-    join = getattr(logger, "LOGGER_JOIN_CHAR", "-")
-    values = [Summary.Value(tag=f"{prefix}{join}{tag}" if prefix else tag, simple_value=float(value))
-              for tag, value in metrics.items()]
-    get_writer().add_summary(Summary(value=values), step)
     return True
 
 
