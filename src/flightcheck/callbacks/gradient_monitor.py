@@ -54,6 +54,7 @@ from flightcheck.checks import gradients as judge
 from flightcheck.checks import modes as judge_modes
 from flightcheck.signals.layers import group_by_layer
 from flightcheck.signals.norms import (
+    float32_on,
     foreach_norms,
     is_dtensor,
     local_shard,
@@ -87,12 +88,6 @@ def _device_index(values: Sequence[int], device: torch.device) -> Tensor:
     if device.type == "cuda":
         return host.pin_memory().to(device, non_blocking=True)
     return host if device.type == "cpu" else host.to(device)
-
-
-def _float32_on(t: Tensor, device: torch.device) -> Tensor:
-    """``t`` as float32 on ``device``, without a no-op ``.to`` (a dispatch, and on a CPU-only
-    machine indistinguishable from a device-to-host copy for SyncCounter)."""
-    return t if t.device == device and t.dtype == torch.float32 else t.to(device=device, dtype=torch.float32)
 
 
 def _grouping(index: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -194,21 +189,20 @@ class _Layout:
         groups = tuple(id(p) for o in optimizers for g in o.param_groups for p in g["params"])
         return trainable, groups
 
-    def indices(self, params: Sequence[Tensor]) -> tuple[Tensor, slice | None, Tensor | None, list[int]]:
-        """``(positions, span, keep, pos_list)`` of the followed ones among ``params``, cached
-        per parameter set: their positions (a device index, and ``span``, the same as a slice
-        when they are consecutive: one plain copy into the ring), and ``keep`` to select their
-        entries from a per-``params`` tensor (``None`` when all are followed)."""
+    def indices(self, params: Sequence[Tensor]) -> tuple[Tensor, bool, Tensor | None, list[int]]:
+        """``(positions, whole, keep, pos_list)`` of the followed ones among ``params``, cached
+        per parameter set: their positions (a device index; ``whole`` when they are every
+        followed parameter in order: one plain copy into the ring row), and ``keep`` to select
+        their entries from a per-``params`` tensor (``None`` when all are followed)."""
         cache_key = tuple(map(id, params))
         hit = self.cache.get(cache_key)
         if hit is not None:
             return hit
         keep = [j for j, p in enumerate(params) if id(p) in self.pos]
         pos_list = [self.pos[id(params[j])] for j in keep]
-        consecutive = bool(pos_list) and pos_list == list(range(pos_list[0], pos_list[0] + len(pos_list)))
         entry = (
             _device_index(pos_list, self.device),
-            slice(pos_list[0], pos_list[0] + len(pos_list)) if consecutive else None,
+            pos_list == list(range(self.P)),
             None if len(keep) == len(params) else _device_index(keep, self.device),
             pos_list,
         )
@@ -554,17 +548,17 @@ class GradientMonitor(FlightcheckCallback):
 
     def _take_gradients(self, lay: _Layout, params: list[Tensor], norms: Tensor) -> None:
         """The step's per-tensor gradient norms go into the ring row as they are: one copy."""
-        positions, span, keep, pos_list = lay.indices(params)
+        positions, whole, keep, pos_list = lay.indices(params)
         if keep is not None:
             if not pos_list:
                 return
             norms = norms.index_select(0, keep)
             params = [p for p in params if id(p) in lay.pos]
         row = len(self._meta)
-        if span is not None and span.stop - span.start == lay.P:
+        if whole:
             self._grad_dest[row].copy_(norms)
         else:
-            self._ring[row, lay.RG].index_copy_(0, positions, _float32_on(norms, lay.device))
+            self._ring[row, lay.RG].index_copy_(0, positions, float32_on(norms, lay.device))
         self._steps_with_grads += 1
         if self._no_grad_yet:
             self._no_grad_yet.difference_update(map(id, params))
@@ -585,7 +579,7 @@ class GradientMonitor(FlightcheckCallback):
         if not cand or any(g is None for g in grads):
             return  # none, or the update was dropped (NonFiniteGuard's skip ran first): no evidence
         norms = lay.sample.grad_block_norms(cand, grads)
-        self._ring[len(self._meta), lay.RB].index_copy_(0, cpos, _float32_on(norms, lay.device))
+        self._ring[len(self._meta), lay.RB].index_copy_(0, cpos, float32_on(norms, lay.device))
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         if not self._batch_open:

@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from flightcheck.checks import Verdict
+from flightcheck.checks.curves import LR_COLLAPSE_RATIO
 from flightcheck.findings import Severity
 from flightcheck.signals.layers import common_scope
 from flightcheck.signals.robust import MAD_TO_STD, finite, growth_by_part, median_mad
@@ -82,12 +83,11 @@ LIVE_GRADIENT_FRACTION = 0.1
 WARMUP_LR_RISE = 1.1
 #: A learning rate below this fraction of the run's peak has been decayed.
 DECAYED_LR_FRACTION = 0.5
-#: A learning rate below this fraction of its peak before half the planned run has collapsed:
-#: the updates have stopped, whatever the update ratio's window says yet. A schedule that
-#: decays on purpose gets there at the end of the run (cosine, OneCycle: the last few
-#: percent); a scheduler stepped every batch instead of every epoch gets there in a few
-#: dozen steps. (The same ratio as ``checks.curves.LR_COLLAPSE_RATIO``.)
-LR_COLLAPSE_RATIO = 1e-3
+# A learning rate below ``LR_COLLAPSE_RATIO`` of its peak (the loss-curve checks' own
+# definition of a collapse) before half the planned run has collapsed: the updates have
+# stopped, whatever the update ratio's window says yet. A schedule that decays on purpose gets
+# there at the end of the run (cosine, OneCycle: the last few percent); a scheduler stepped
+# every batch instead of every epoch gets there in a few dozen steps.
 
 #: Weight growth: the total weight norm grew by this factor within ``WEIGHT_GROWTH_WINDOW``
 #: steps, by at least its square root in each half of the window (a sustained trend: a single

@@ -59,13 +59,14 @@ def foreach_norms(tensors: Sequence[Tensor]) -> Tensor:
     dense = [t.coalesce().values() if t.is_sparse else local_shard(t) for t in tensors]
     wide = [t.float() if t.dtype in (torch.float16, torch.bfloat16) else t for t in dense]
     norms = torch._foreach_norm(wide)
-    device = norms[0].device
-    # Skip the no-op ``.to``: it costs a dispatch per tensor, and on a CPU-only machine a
-    # ``.to(device=cpu)`` is indistinguishable from a device-to-host copy for SyncCounter.
-    return torch.stack(
-        [n if n.device == device and n.dtype == torch.float32 else n.to(device=device, dtype=torch.float32)
-         for n in norms]
-    )
+    return torch.stack([float32_on(n, norms[0].device) for n in norms])
+
+
+def float32_on(t: Tensor, device: torch.device) -> Tensor:
+    """``t`` as float32 on ``device``, skipping the no-op ``.to``: it costs a dispatch, and on a
+    CPU-only machine a ``.to(device=cpu)`` is indistinguishable from a device-to-host copy for
+    SyncCounter."""
+    return t if t.device == device and t.dtype == torch.float32 else t.to(device=device, dtype=torch.float32)
 
 
 def _cpu_norms(tensors: Sequence[Tensor]) -> Tensor:

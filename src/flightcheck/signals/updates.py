@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from flightcheck.signals.norms import foreach_norms, local_shard
+from flightcheck.signals.norms import float32_on, foreach_norms, local_shard
 
 #: Elements per tensor in the block; 4096 floats is 16 KiB per tensor.
 DEFAULT_BLOCK_SIZE = 4096
@@ -110,9 +110,9 @@ class UpdateSample:
         """
         if not self.params:
             return torch.zeros(2, 0)
-        with torch.no_grad():
-            delta = torch._foreach_sub(self._views, self._before)
-            return foreach_norms([*delta, *self._before]).square().view(2, -1) * self.scale  # one fused read
+        out = torch.empty(2 * len(self.params), dtype=torch.float32, device=self.scale.device)
+        self.measure_into(out)
+        return out.square().view(2, -1) * self.scale
 
     def measure_into(self, out: Tensor) -> None:
         """Write the step's per-tensor norms into ``out`` (a float32 device tensor of ``2 *
@@ -125,8 +125,10 @@ class UpdateSample:
         with torch.no_grad():
             delta = torch._foreach_sub(self._views, self._before)
             norms = torch._foreach_norm(self._wide([*delta, *self._before]))
-            torch.stack(norms, out=out) if self._plain else out.copy_(
-                torch.stack([n.to(device=out.device, dtype=out.dtype) for n in norms]))
+            if self._plain:
+                torch.stack(norms, out=out)
+            else:
+                out.copy_(torch.stack([float32_on(n, out.device) for n in norms]))
 
     def _wide(self, tensors: list[Tensor]) -> list[Tensor]:
         return tensors if not self._half else [t.float() for t in tensors]
