@@ -16,7 +16,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
-from flightcheck.callbacks.base import logging_due
+from flightcheck.callbacks.base import looking_due
 from flightcheck.callbacks.nonfinite_guard import NonFiniteGuard
 from flightcheck.checks.nonfinite import (
     ModuleCall,
@@ -585,7 +585,7 @@ def test_default_mode_makes_no_host_sync_on_ordinary_steps(tmp_path):
 
         def run(self, trainer, *args):
             # a look happens on the logging step's optimizer step (and at epoch end)
-            due = logging_due(trainer) if hook_name == "on_before_optimizer_step" else False
+            due = looking_due(trainer) if hook_name == "on_before_optimizer_step" else False
             with SyncCounter() as syncs:
                 out = hook(self, trainer, *args)
             counts["logging" if due else "ordinary"] += syncs.total

@@ -32,6 +32,7 @@ from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 from torchmetrics import Metric
 
+from flightcheck.callbacks.base import look_interval
 from flightcheck.utils import modes_preserved, preserved_rng, tensors_in
 
 #: Keys tried, in order, for the model input of a dict batch ...
@@ -266,8 +267,9 @@ def _fitting(trainer: Any) -> bool:
 
 # --------------------------------------------------------------------------- schedule
 class ProbeSchedule:
-    """Every ``every_n_steps`` optimizer steps (default: the trainer's ``log_every_n_steps``,
-    so the one host transfer of a probe falls on a step where Lightning already syncs)."""
+    """Every ``every_n_steps`` optimizer steps (default: flightcheck's look interval, the
+    trainer's ``log_every_n_steps`` on a long run, so the one host transfer of a probe falls on
+    a step where Lightning already syncs)."""
 
     def __init__(self, every_n_steps: int | None = None) -> None:
         if every_n_steps is not None and (
@@ -279,7 +281,7 @@ class ProbeSchedule:
         self._boundary = -1
 
     def interval(self, trainer: Any) -> int:
-        return self.every_n_steps or max(1, int(getattr(trainer, "log_every_n_steps", 50) or 50))
+        return self.every_n_steps or look_interval(trainer)
 
     def due(self, trainer: Any) -> bool:
         """Whether the step just taken crossed a multiple of the interval (steps can advance by

@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import math
 import traceback
 import weakref
 from collections.abc import Callable, Iterable
@@ -333,13 +334,58 @@ for _name in ("setup", "teardown"):
 del _name
 
 
-def logging_due(trainer: Any) -> bool:
-    """Whether the optimizer step now being taken is one the trainer logs on.
+#: A run of known length is looked at (host transfer, judgement, charts) at least this many
+#: times: what a look finds is reported within 1/32 of the run, and a finding that must be seen
+#: twice (``confirm``) within 1/16. Long runs look at Lightning's logging cadence; this only
+#: quickens short runs, where Lightning's default ``log_every_n_steps=50`` would leave a
+#: 300-step run six looks and a finding nothing before a third of it was spent.
+LOOKS_PER_RUN = 32
+#: ... but never more often than every this many optimizer steps (unless Lightning logs more
+#: often): statistics over fewer points than this say little, and a look costs a host transfer.
+MIN_LOOK_INTERVAL = 10
 
-    Matches Lightning's own rule (``(batches_that_stepped + 1) % log_every_n_steps``), so
-    flightcheck moves its numbers to the host on the steps Lightning already does.
-    """
-    every = int(getattr(trainer, "log_every_n_steps", 50) or 0)
-    if every <= 0:
-        return False
-    return (int(getattr(trainer, "global_step", 0)) + 1) % every == 0
+
+def planned_steps(trainer: Any) -> float | None:
+    """The optimizer steps the run plans (``trainer.estimated_stepping_batches``), ``None`` when
+    it has no planned end (an iterable without length, ``max_steps=-1`` with no epoch limit)."""
+    try:
+        planned = float(trainer.estimated_stepping_batches)
+    except Exception:  # noqa: BLE001 - no estimate, or an unusual trainer
+        return None
+    return planned if math.isfinite(planned) and planned > 0 else None
+
+
+_intervals: weakref.WeakKeyDictionary[Any, tuple[tuple[Any, ...], int]] = weakref.WeakKeyDictionary()
+
+
+def look_interval(trainer: Any) -> int:
+    """Optimizer steps between flightcheck's looks: Lightning's ``log_every_n_steps``, or
+    fewer so that a run of known length is looked at :data:`LOOKS_PER_RUN` times (never more
+    often than every :data:`MIN_LOOK_INTERVAL` steps, unless Lightning logs more often)."""
+    log_every = int(getattr(trainer, "log_every_n_steps", 50) or 0)
+    key = (log_every, getattr(trainer, "max_steps", None), getattr(trainer, "max_epochs", None),
+           getattr(trainer, "num_training_batches", None), getattr(trainer, "accumulate_grad_batches", None))
+    try:
+        cached = _intervals.get(trainer)
+    except TypeError:  # not weak-referenceable: no cache
+        cached = None
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    planned = planned_steps(trainer)
+    every = log_every if log_every > 0 else 50
+    if planned is not None:
+        every = min(every, max(MIN_LOOK_INTERVAL, int(planned) // LOOKS_PER_RUN))
+    every = max(1, every)
+    try:
+        _intervals[trainer] = (key, every)
+    except TypeError:
+        pass
+    return every
+
+
+def looking_due(trainer: Any) -> bool:
+    """Whether the optimizer step now being taken is one flightcheck looks on: every
+    :func:`look_interval` steps, counted the way Lightning counts its logging steps
+    (``(global_step + 1) % every``), so that on a long run they are Lightning's logging steps
+    and the host transfer falls where Lightning already syncs."""
+    return (int(getattr(trainer, "global_step", 0)) + 1) % look_interval(trainer) == 0

@@ -25,7 +25,8 @@ to the console, TensorBoard (``flightcheck/summary``) and ``<log_dir>/flightchec
 
 Cost:
     The loss of each step is copied into a device buffer (no synchronisation; ~20 µs of
-    Python per step on a CPU). Once per logging interval (``trainer.log_every_n_steps``), at
+    Python per step on a CPU). Once per look interval (``trainer.log_every_n_steps``, or less
+    on a short run: :func:`~flightcheck.callbacks.base.look_interval`), at
     epoch end and after validation, the buffer is moved to the host as ONE tensor and the
     curves are judged there: ~5 ms of NumPy for a 500-step history, ~12 ms at the 2048-point
     cap (older points are coarsened, so memory and time stay bounded however long the run).
@@ -51,7 +52,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from flightcheck.callbacks.base import FlightcheckCallback, OnFinding, logging_due
+from flightcheck.callbacks.base import FlightcheckCallback, OnFinding, looking_due, planned_steps
 from flightcheck.checks.curves import CONFIRM, ESCALATE_AFTER, CurveWatch, Diagnosis, Update, lr_collapsed
 from flightcheck.findings import Finding
 from flightcheck.reporting.sinks import configure_console
@@ -195,7 +196,7 @@ class LossCurveMonitor(FlightcheckCallback):
         if loss is not None:
             self._record(loss, int(trainer.global_step))
         step = int(trainer.global_step)
-        if logging_due(trainer) and step != self._flushed_at:
+        if looking_due(trainer) and step != self._flushed_at:
             self._flushed_at = step
             self._judge_training(trainer, step)
 
@@ -298,7 +299,7 @@ class LossCurveMonitor(FlightcheckCallback):
             return
         lr = max(rates)
         self._peak_lr = max(self._peak_lr or 0.0, lr)
-        if lr_collapsed(lr, self._peak_lr, step, _planned_steps(trainer)):
+        if lr_collapsed(lr, self._peak_lr, step, planned_steps(trainer)):
             if self.watch.lr_collapsed_at is None:
                 self.watch.lr_collapsed_at = float(step)
         else:
@@ -392,14 +393,6 @@ def _all_findings(trainer: Any, me: LossCurveMonitor) -> list[Finding]:
     if me not in (getattr(trainer, "callbacks", None) or []):
         gathered = sorted(gathered + list(me.findings), key=lambda f: f.step)
     return gathered
-
-
-def _planned_steps(trainer: Any) -> float | None:
-    try:
-        planned = float(trainer.estimated_stepping_batches)
-    except Exception:  # noqa: BLE001 - no estimate (an iterable without length): no collapse test
-        return None
-    return planned if math.isfinite(planned) and planned > 0 else None
 
 
 def _fitting(trainer: Any) -> bool:

@@ -13,10 +13,11 @@ Cost:
     Each batch's values (the norms of its float tensors, its loss, its logged values) are
     written into a device buffer with one ``cat``, and each optimizer step's per-parameter
     gradient norms (the read shared with GradientMonitor) with one copy. Once per logging
-    interval (``trainer.log_every_n_steps``) and at epoch and training end the buffers are
+    interval (:func:`~flightcheck.callbacks.base.look_interval`: ``trainer.log_every_n_steps``,
+    or less on a short run) and at epoch and training end the buffers are
     reduced on the device to "first non-finite step and value" per quantity and read back,
     with the weights' norms, as ONE tensor. A problem is therefore reported up to
-    ``log_every_n_steps`` steps late; by then the bad update has usually reached the
+    one look interval late; by then the bad update has usually reached the
     weights, so the guard does not replay the batch through broken weights: it says what
     went non-finite first, and whether that batch's data already held NaN/Inf. When the
     logging step is itself bad and the weights are still finite, it replays and saves a
@@ -70,7 +71,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from flightcheck.callbacks.base import FlightcheckCallback, OnFinding, logging_due
+from flightcheck.callbacks.base import FlightcheckCallback, OnFinding, look_interval, looking_due
 from flightcheck.checks import Verdict
 from flightcheck.checks.nonfinite import (
     CHECK,
@@ -97,6 +98,10 @@ _SYNCED_ACTIONS = ("skip", "stop", "raise")
 
 # Rows kept on the device between two looks (one per batch); more are folded on the device.
 _MAX_ROWS = 256
+#: optimizer steps of gradient-norm history behind "was the run diverging before it went
+#: non-finite" (Lightning's default logging interval; checks.nonfinite.DIVERGENCE_GROWTH is
+#: judged over it).
+_TREND_LOOKBACK = 50
 # Folded blocks waiting for a look; reached only when no logging step comes, then look anyway.
 _MAX_FOLDED = 32
 
@@ -195,8 +200,7 @@ class NonFiniteGuard(FlightcheckCallback):
         self._scale = _LossScaleWatch()
         self._param_names = {id(p): n for n, p in pl_module.named_parameters()}
         self._forward_talks = _forward_communicates(pl_module)
-        every = max(1, int(getattr(trainer, "log_every_n_steps", 50) or 50))
-        self._records.capacity = min(_MAX_ROWS, every * int(getattr(trainer, "accumulate_grad_batches", 1) or 1) + 2)
+        self._records.capacity = min(_MAX_ROWS, look_interval(trainer) * int(getattr(trainer, "accumulate_grad_batches", 1) or 1) + 2)
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         if not self._window_open or not self._synced or not pl_module.automatic_optimization:
@@ -242,7 +246,7 @@ class NonFiniteGuard(FlightcheckCallback):
         self._window_open = False
         if self._synced:
             self._decide(trainer, pl_module, optimizer, params, norms, scaler)
-        elif logging_due(trainer) or self._records.look_due:
+        elif looking_due(trainer) or self._records.look_due:
             self._look(trainer, pl_module, pre_step=True, acting=False)
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -314,7 +318,7 @@ class NonFiniteGuard(FlightcheckCallback):
             if not bad_grads:
                 self._norm_overflows.add(self._batch_step)  # an explosion, for GradientMonitor
         look = None
-        if not (bad_loss or bad_grads) and logging_due(trainer):
+        if not (bad_loss or bad_grads) and looking_due(trainer):
             look = self._look(trainer, pl_module, pre_step=True, acting=True)
         # One agreement per optimizer step: every rank skips, stops or raises together.
         agreed = self.agree(trainer, bad_loss or bad_grads, look is not None and look.actionable, bad_loss)
@@ -389,9 +393,10 @@ class NonFiniteGuard(FlightcheckCallback):
             history += norms
             counts["grad_steps" if f.totals else "batches"] += bad_rows
         if any(f.totals for f in folded) and len(self._grad_streams) == 1:
-            history = self._grad_history[-1:] + history  # the last step of the previous look
+            # The trend is read over the last _TREND_LOOKBACK steps, however often the guard looks.
+            history = self._grad_history + history
             finite = [h for h in history if math.isfinite(h[1])]
-            self._grad_history = finite[-1:]
+            self._grad_history = [h for h in finite if h[0] > finite[-1][0] - _TREND_LOOKBACK] if finite else []
         else:
             history = []
         data_events = [e for e in events if e.kind == "data"]  # evidence only, never news on its own
