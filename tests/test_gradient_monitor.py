@@ -314,6 +314,92 @@ def test_gradient_accumulation_is_judged_once_per_optimizer_step(tmp_path):
     assert len(monitor._history["total"]) == 12
 
 
+class ManualSteps(TinyClassifier):
+    """Manual optimisation written out by hand; ``zero`` says how (or whether) it clears .grad."""
+
+    def __init__(self, zero="before_backward", accumulate=1, **kwargs):
+        super().__init__(**kwargs)
+        self.automatic_optimization = False
+        self.zero, self.accumulate = zero, accumulate
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        opt = self.optimizers()
+        if self.zero == "before_backward":
+            opt.zero_grad()
+        loss = F.cross_entropy(self(x), y)
+        self.manual_backward(loss / self.accumulate)
+        if (batch_idx + 1) % self.accumulate == 0:
+            opt.step()
+            if self.zero == "after_step_keep_tensors":
+                opt.zero_grad(set_to_none=False)
+            elif self.zero == "after_step":
+                opt.zero_grad()
+        self.log("train_loss", loss)
+
+
+def _not_cleared(monitor):
+    return [f for f in monitor.findings if f.data.get("cause") == "gradients_not_cleared"]
+
+
+def test_gradients_never_zeroed_under_manual_optimisation_are_named_at_the_first_look(tmp_path):
+    monitor, _ = _fit(tmp_path, ManualSteps(zero="never", lr=0.01), steps=20)
+    found = _not_cleared(monitor)
+    assert [f.check for f in found] == ["grad_explosion"]
+    assert found[0].step < 5  # the first look (log_every_n_steps=5), before the run has blown up
+    assert found[0].severity.value == "error"
+    assert "zero_grad" in found[0].message and found[0].data["optimizer"] == "SGD"
+
+
+@pytest.mark.parametrize("zero,accumulate", [
+    ("before_backward", 1), ("after_step", 1), ("after_step_keep_tensors", 1), ("after_step", 3),
+])
+def test_gradients_cleared_any_usual_way_are_not_reported(tmp_path, zero, accumulate):
+    monitor, _ = _fit(tmp_path, ManualSteps(zero=zero, accumulate=accumulate, lr=0.01), steps=20,
+                      data=_noisy_clusters())
+    assert _not_cleared(monitor) == []
+    assert _loud(monitor) == []
+
+
+class ZeroGradOverridden(TinyClassifier):
+    """Automatic optimisation with ``optimizer_zero_grad`` overridden to do nothing."""
+
+    def optimizer_zero_grad(self, epoch, batch_idx, optimizer):
+        pass
+
+
+def test_an_automatic_run_whose_zero_grad_hook_does_nothing_is_reported(tmp_path):
+    monitor, _ = _fit(tmp_path, ZeroGradOverridden(lr=0.01), steps=20)
+    assert [f.check for f in _not_cleared(monitor)] == ["grad_explosion"]
+
+
+class GeneratorLossReachesTheCritic(TinyClassifier):
+    """GAN-style turns: optimizer 1's loss back-propagates through the layer optimizer 0 owns,
+    adding onto the gradient optimizer 0 applied, before optimizer 0 zeroes its own."""
+
+    def __init__(self):
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        first, second = self.optimizers()
+        second.zero_grad()
+        self.manual_backward(F.cross_entropy(self(x), y))  # reaches net.0 (first's) as well
+        second.step()
+        first.zero_grad()
+        self.manual_backward(F.cross_entropy(self(x), y))
+        first.step()
+
+    def configure_optimizers(self):
+        return (torch.optim.SGD(self.net[0].parameters(), lr=0.01), torch.optim.SGD(self.net[2].parameters(), lr=0.01))
+
+
+def test_optimizers_taking_turns_on_shared_gradients_are_not_reported(tmp_path):
+    monitor, _ = _fit(tmp_path, GeneratorLossReachesTheCritic(), steps=40, data=_noisy_clusters())
+    assert _not_cleared(monitor) == []
+
+
 class SometimesSkips(TinyClassifier):
     def training_step(self, batch, batch_idx):
         loss = super().training_step(batch, batch_idx)

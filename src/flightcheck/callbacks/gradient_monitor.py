@@ -12,10 +12,10 @@ hook and clips them after it) the monitor takes:
 - which parameters received a gradient, and which ever changed.
 
 Every figure stays on the device, one row per step in a small ring buffer, so no step
-between two logging steps is missed. On Lightning's logging steps (``log_every_n_steps``)
-and at the end of each epoch the rows go to the host as one tensor, together with the exact
+between two looks is missed. Every look interval (Lightning's ``log_every_n_steps``, or
+less on a short run: :func:`~flightcheck.callbacks.base.look_interval`) and at the end of each epoch the rows go to the host as one tensor, together with the exact
 per-layer weight norms; every step of the interval is judged by
-:mod:`flightcheck.checks.gradients`, and the logging step is charted:
+:mod:`flightcheck.checks.gradients`, and the look's step is charted:
 
 - ``flightcheck/grad_norm/total``, ``flightcheck/weight_norm/total``,
   ``flightcheck/update_ratio/total``, and ``flightcheck/grad_norm/interval_max`` (the
@@ -48,7 +48,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from flightcheck.callbacks.base import FlightcheckCallback, OnFinding, logging_due
+from flightcheck.callbacks.base import FlightcheckCallback, OnFinding, look_interval, looking_due, planned_steps
 from flightcheck.checks import Verdict
 from flightcheck.checks import gradients as judge
 from flightcheck.checks import modes as judge_modes
@@ -63,6 +63,7 @@ from flightcheck.signals.norms import (
     sum_over_ranks,
 )
 from flightcheck.signals.robust import trailing_medians
+from flightcheck.signals.stale import StaleGradientWatch
 from flightcheck.signals.updates import DEFAULT_BLOCK_SIZE, UpdateSample
 from flightcheck.utils.distributed import world_size
 
@@ -77,6 +78,8 @@ _RING_ELEMENTS = 2**20
 #: the gradients.
 _DENSE_UPDATE_STEPS = 100
 _UPDATE_EVERY = 4
+#: Gradients never cleared are judged over the counts of this many recent intervals.
+_STALE_INTERVALS = 4
 #: A finding is re-armed (reported again if it comes back) after its judge found the run
 #: clear on this many logging intervals in a row.
 _CLEAR_AFTER = 3
@@ -361,6 +364,9 @@ class GradientMonitor(FlightcheckCallback):
         self._row_due = False
         self._row_step = 0
         self._row_lrs: list[float] = []
+        self._stale = StaleGradientWatch(lay.K + 1, dev)
+        # per optimizer slot, the last few intervals' (stale steps, steps judged)
+        self._stale_recent = [collections.deque(maxlen=_STALE_INTERVALS) for _ in range(lay.K + 1)]
 
     def extra_state(self) -> dict[str, Any]:
         lay = self._layout
@@ -431,8 +437,7 @@ class GradientMonitor(FlightcheckCallback):
         if self._layout is None:
             lay = _Layout(pl_module, list(getattr(trainer, "optimizers", []) or []), self.depth,
                           self.update_sample_size, world_size(trainer))
-            every = int(getattr(trainer, "log_every_n_steps", 0) or 0) or 50
-            capacity = max(1, min(every, max(8, _RING_ELEMENTS // max(lay.ring_len, 1))))
+            capacity = max(1, min(look_interval(trainer), max(8, _RING_ELEMENTS // max(lay.ring_len, 1))))
             self._layout = lay
             self._reset_device_state(lay, capacity)
             self._restore_per_param(lay)
@@ -478,7 +483,7 @@ class GradientMonitor(FlightcheckCallback):
             if plan.sharded is None:
                 params = [p for p in trainer.lightning_module.parameters() if p.requires_grad]
                 plan.sharded = any(map(is_dtensor, params)) and shard_weights(params, world_size(trainer)) is not None
-            plan.due = (plan.due and plan.open) or logging_due(trainer)
+            plan.due = (plan.due and plan.open) or looking_due(trainer)
             plan.open = True
             return 0
         if not plan.sharded:
@@ -488,7 +493,7 @@ class GradientMonitor(FlightcheckCallback):
                 return 0
             plan.open, plan.rows = False, plan.rows + 1
             ring = getattr(self, "_ring", None)
-            capacity = ring.shape[0] if ring is not None else int(getattr(trainer, "log_every_n_steps", 0) or 50)
+            capacity = ring.shape[0] if ring is not None else look_interval(trainer)
             if plan.due or plan.rows >= capacity:
                 plan.rows = 0
                 return 1
@@ -516,9 +521,11 @@ class GradientMonitor(FlightcheckCallback):
         k = lay.opt_slot.get(id(optimizer), lay.K)
         if not self._batch_open:
             self._open_row(trainer, lay, k)
-        self._row_due = self._row_due or logging_due(trainer)
+        self._row_due = self._row_due or looking_due(trainer)
         self._row_lrs[k] = _learning_rate(optimizer)
         params, norms = step_grad_norms(trainer, optimizer)
+        with torch.no_grad():
+            self._stale.stepped(k, params, snapshot=self._row_measured)
         if params:
             self._row_stepped.append(k)
             with torch.no_grad():
@@ -526,6 +533,11 @@ class GradientMonitor(FlightcheckCallback):
         every = self.histogram_every_n_steps
         if every and int(trainer.global_step) % every == 0:
             self._log_histograms(trainer, lay, params)
+
+    def on_before_backward(self, trainer: Any, pl_module: Any, loss: Tensor) -> None:
+        if self._layout is not None and self._layout.params:
+            with torch.no_grad():
+                self._stale.before_backward()
 
     def _open_row(self, trainer: Any, lay: _Layout, k: int) -> None:
         self._batch_open = True
@@ -535,7 +547,7 @@ class GradientMonitor(FlightcheckCallback):
         self._row_stepped: list[int] = []  # optimizer slots that had gradients on this step
         # Every optimizer's update is measured at least every _UPDATE_EVERY of its own steps (a
         # stride over the rows would alias with optimizers that take turns, as in a GAN).
-        self._row_measured = (self._rows_taken < _DENSE_UPDATE_STEPS or logging_due(trainer)
+        self._row_measured = (self._rows_taken < _DENSE_UPDATE_STEPS or looking_due(trainer)
                               or self._unmeasured[k] >= _UPDATE_EVERY - 1)
         if not self._row_measured:
             return
@@ -633,8 +645,13 @@ class GradientMonitor(FlightcheckCallback):
                 sum_over_ranks(flat)
             else:
                 flat = torch.cat([squares.reshape(-1), weights])
-            host = flat.cpu().numpy().astype(np.float64)  # the one device-to-host transfer of the interval
+            stale, judged = self._stale.take()  # this rank's own: every rank sees the same code path
+            host = torch.cat([flat, stale]).cpu().numpy().astype(np.float64)  # the one device-to-host transfer of the interval
             self._ring[:n].zero_()  # a row's columns are written only by the steps that have them
+        host, stale_host = host[: -stale.numel()], host[-stale.numel() :]
+        for k, seen in enumerate(judged):
+            if seen:
+                self._stale_recent[k].append((int(stale_host[k]), seen))
         meta, self._meta = self._meta, []
         lay.sample.refresh()
         raw = host[: n * lay.ring_len].reshape(n, lay.ring_len)
@@ -768,10 +785,18 @@ class GradientMonitor(FlightcheckCallback):
     def _judge_series(self, lay: _Layout, rows: np.ndarray, step: int, progress: float | None) -> list:
         verdicts: list[tuple[tuple[str, str], Verdict | None, int]] = []
         top = self._top_layer(lay, rows)
-        for name, history in self._history.items():
-            recent = list(history)[-judge.EXPLOSION_WINDOW :]
-            explosion = judge.grad_explosion(recent, self._early.get(name, ()), target=name,
-                                             factor=self.explosion_factor, top_layer=top)
+        # gradients never zeroed: the cause of an explosion, seen before the explosion is
+        stale = {}
+        for k, recent_counts in enumerate(self._stale_recent):
+            if recent_counts:
+                seen, judged = map(sum, zip(*recent_counts))
+                optimizer = type(lay.optimizers[k]).__name__ if k < lay.K else None
+                stale[self._series_name(lay, k)] = judge.stale_gradients(
+                    seen, judged, target=self._series_name(lay, k), optimizer=optimizer)
+        for name in [*self._history, *(n for n, v in stale.items() if v is not None and n not in self._history)]:
+            recent = list(self._history.get(name, ()))[-judge.EXPLOSION_WINDOW :]
+            explosion = stale.get(name) or judge.grad_explosion(recent, self._early.get(name, ()), target=name,
+                                                                factor=self.explosion_factor, top_layer=top)
             verdicts.append((("grad_explosion", name), explosion, step))
             if explosion is None:  # the climb of an explosion is not also a spike
                 spike, at = self._spikes.get(name, (None, step))
@@ -943,11 +968,8 @@ class _FlushPlan:
 
 def _progress(trainer: Any, step: int) -> float | None:
     """The fraction of the planned optimizer steps done, ``None`` when the run has no planned end."""
-    try:
-        planned = float(trainer.estimated_stepping_batches)
-    except Exception:  # noqa: BLE001 - no loader length, or an unusual trainer
-        return None
-    return step / planned if math.isfinite(planned) and planned > 0 else None
+    planned = planned_steps(trainer)
+    return None if planned is None else step / planned
 
 
 def _norm_clip(trainer: Any) -> float:

@@ -111,6 +111,14 @@ FLOW_AFTER_STEPS = 10
 #: non-zero gradient without changing (a warm-up that starts at learning rate 0 skips one).
 NEVER_UPDATED_MIN_STEPS = 10
 
+#: Gradients never cleared: judged once this many steps were seen applying a gradient that
+#: still held the previous step's. The evidence is exact (``.grad`` unchanged, bit for bit,
+#: from one step to the next backward), so two steps rule out a one-off ...
+STALE_MIN_STEPS = 2
+#: ... making up at least this fraction of the steps judged recently (a code path that zeroes
+#: on some steps and not on others is still the bug, and still worth the warning).
+STALE_FRACTION = 0.5
+
 _LIST_LIMIT = 6
 
 
@@ -179,6 +187,43 @@ def grad_explosion(
         ),
         target=target,
         data={"recent_median": now, "early_median": before, "ratio": ratio, "factor": factor, "top_layer": top_layer},
+    )
+
+
+def stale_gradients(stale: int, judged: int, *, target: str = "total", optimizer: str | None = None) -> Verdict | None:
+    """Gradients added onto the ones the previous step already applied (never zeroed).
+
+    Reported as ``grad_explosion``: the applied gradient is the running sum of every step's,
+    so it grows with the run, and this is its cause seen before the growth is.
+
+    Args:
+        stale: recent optimizer steps whose backward passes only added to the gradient the
+            step before had applied (:class:`~flightcheck.signals.stale.StaleGradientWatch`).
+        judged: the recent steps judged.
+        target: ``"total"`` or the optimizer's series name.
+        optimizer: the optimizer's class name, for the message.
+    """
+    if stale < STALE_MIN_STEPS or stale < STALE_FRACTION * judged:
+        return None
+    who = f"{optimizer} ({target})" if optimizer and target != "total" else (optimizer or "the optimizer")
+    return Verdict(
+        check="grad_explosion",
+        severity=Severity.ERROR,
+        message=f"The gradients were never cleared between optimizer steps: at {stale} of the {judged} steps "
+        f"checked, {who} stepped on a .grad that still held the gradient its previous step had applied: "
+        "nothing zeroed it (zero_grad) before the next backward, so each backward adds onto every earlier "
+        "one and the applied gradient grows with the run.",
+        causes=(
+            "optimizer.zero_grad() missing under manual optimisation (automatic_optimization=False leaves "
+            "zeroing to you)",
+            "optimizer_zero_grad overridden to do nothing, or zero_grad called on a different optimizer",
+        ),
+        advice=(
+            "call opt.zero_grad() once per step: before self.manual_backward(loss), or right after opt.step()",
+            "to accumulate gradients on purpose, step and zero only every N batches",
+        ),
+        target=target,
+        data={"cause": "gradients_not_cleared", "stale_steps": stale, "judged_steps": judged, "optimizer": optimizer},
     )
 
 
