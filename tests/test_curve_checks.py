@@ -386,3 +386,12 @@ def test_summary_best_is_never_above_the_start_of_a_curve_that_only_rose():
 
     summary = _curve_summary(np.arange(0, 60, 10.0), np.array([0.9, 8.6, 12.0, 40.0, 9.0, 5.3]))
     assert summary["best"] == pytest.approx(0.9) and summary["best_step"] == 0
+
+
+def test_a_step_schedule_landing_exactly_on_the_collapse_ratio_counts_despite_rounding():
+    lr = 1e-3
+    for _ in range(3):  # StepLR(gamma=0.1) three times: 1.0000000000000002e-06, not 1e-06
+        lr *= 0.1
+    assert lr > 1e-3 * 1e-3  # the rounding this guards against
+    assert lr_collapsed(lr, 1e-3, step=40, planned_steps=300)
+    assert not lr_collapsed(lr * 1.01, 1e-3, step=40, planned_steps=300)

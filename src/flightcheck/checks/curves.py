@@ -703,13 +703,23 @@ def loss_plateau(
     )
 
 
+def lr_below_collapse(lr: float, peak_lr: float) -> bool:
+    """Whether ``lr`` is at or below :data:`LR_COLLAPSE_RATIO` of ``peak_lr``.
+
+    "At" allows for rounding: a multiplicative schedule reaches the boundary as a product of
+    factors (``1e-3 * 0.1 * 0.1 * 0.1`` is ``1.0000000000000002e-06``, not ``1e-06``).
+    """
+    limit = LR_COLLAPSE_RATIO * peak_lr
+    return lr <= limit or math.isclose(lr, limit, rel_tol=1e-9)
+
+
 def lr_collapsed(lr: float, peak_lr: float, step: float, planned_steps: float | None) -> bool:
     """Whether the learning rate has fallen to almost nothing with much of the run to go:
     below :data:`LR_COLLAPSE_RATIO` of its peak with :data:`LR_COLLAPSE_REMAINING` of the
     planned steps left (a decay to zero at the very end, by design, does not count)."""
     if not (peak_lr > 0 and planned_steps and math.isfinite(planned_steps) and planned_steps > 0):
         return False
-    return lr <= LR_COLLAPSE_RATIO * peak_lr and 1.0 - step / planned_steps >= LR_COLLAPSE_REMAINING
+    return lr_below_collapse(lr, peak_lr) and 1.0 - step / planned_steps >= LR_COLLAPSE_REMAINING
 
 
 def _plateau_start(st: CurveStats) -> int:
@@ -1583,6 +1593,7 @@ __all__ = [
     "loss_oscillation",
     "loss_plateau",
     "loss_spike",
+    "lr_below_collapse",
     "lr_collapsed",
     "overfitting",
     "train_levels_at",

@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from flightcheck.checks import Verdict
-from flightcheck.checks.curves import LR_COLLAPSE_RATIO
+from flightcheck.checks.curves import LR_COLLAPSE_RATIO, lr_below_collapse
 from flightcheck.findings import Severity
 from flightcheck.signals.layers import common_scope
 from flightcheck.signals.robust import MAD_TO_STD, finite, growth_by_part, median_mad
@@ -438,7 +438,7 @@ def update_ratio(
             )
     lrs_now = finite(learning_rates)
     if (lrs_now.size and peak_learning_rate and progress is not None and progress < 0.5
-            and 0 < lrs_now[-1] <= LR_COLLAPSE_RATIO * peak_learning_rate):
+            and 0 < lrs_now[-1] and lr_below_collapse(float(lrs_now[-1]), peak_learning_rate)):
         lr, at = float(lrs_now[-1]), (f" by step {list(steps)[-1]}" if len(steps) else "")
         return Verdict(
             check="update_ratio",
