@@ -309,6 +309,39 @@ def test_persisting_warning_escalates_and_cleared_problem_is_rearmed():
     assert ("loss_plateau", "train_loss") in cleared
 
 
+def _first_overfitting_report(train, val):
+    """Feed a watch as LossCurveMonitor does (training, then each validation); the step of
+    the first overfitting report and the evaluations at which overfitting() already held."""
+    watch = CurveWatch(warmup_steps=50, confirm=2)
+    held, done = [], 0
+    for vstep, value in zip(VAL_STEPS, val):
+        end = int(vstep)
+        watch.add_train(STEPS[done:end], train[done:end])
+        done = end
+        watch.evaluate(vstep, val_names=[])
+        watch.add_val("val_loss", vstep, float(value))
+        if overfitting(STEPS[:end], train[:end], VAL_STEPS[VAL_STEPS <= vstep], val[: VAL_STEPS[VAL_STEPS <= vstep].size]):
+            held.append(vstep)
+        report = watch.evaluate(vstep, train=False, val_names=["val_loss"]).report
+        if any(p.verdict.check == "overfitting" for p in report):
+            return vstep, held
+    return None, held
+
+
+def test_rising_validation_is_reported_once_early_stopping_patience_is_met():
+    # The rise must already hold over OVERFIT_PATIENCE evaluations past the best one: that is
+    # its confirmation; waiting for one more evaluation would add a whole validation interval.
+    step, held = _first_overfitting_report(_noisy(_decay(floor=0.01), 0.02, 0), _u_shaped_val())
+    assert held and step == held[0]
+
+
+def test_a_widening_gap_needs_a_second_evaluation():
+    train = _noisy(np.maximum(1.1 - 0.002 * STEPS, 0.02), 0.01, 0)
+    val = np.maximum(1.1 - 0.004 * VAL_STEPS, 0.62) + 0.002 * np.random.default_rng(0).standard_normal(VAL_STEPS.size)
+    step, held = _first_overfitting_report(train, val)
+    assert len(held) >= 2 and step == held[1]
+
+
 def test_watch_state_round_trips():
     watch = CurveWatch(warmup_steps=20)
     watch.add_train(STEPS[:100], _decay()[:100])

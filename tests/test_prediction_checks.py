@@ -207,6 +207,26 @@ def test_collapse_waits_for_the_warmup_and_for_confirmation():
     assert prediction_collapse(flickering, patience=3) is None
 
 
+def test_one_answer_that_keeps_switching_class_must_last_twice_the_patience():
+    # A model at the label prior: near-uniform outputs, every answer the same class, but which
+    # class flips from probe to probe (nearly every answer changed). A sound model passes
+    # through this; a stuck one stays.
+    wandering = history(3, top=0.99, label_top=0.35)
+    wandering[3] = dataclass_replace(wandering[3], churn=0.99, top_answer=0)
+    assert prediction_collapse(wandering, patience=3) is None
+    settled = history(3, top=0.99, label_top=0.35, churn=0.02)  # the same class each time
+    assert prediction_collapse(settled, patience=3) is not None
+    stuck = history(6, top=1.0, label_top=0.35, churn=1.0)  # flipping, for six probes
+    verdict = prediction_collapse(stuck, patience=3)
+    assert verdict is not None and verdict.data["steps"] == [10, 20, 30, 40, 50, 60]
+    assert prediction_collapse(stuck[:-1], patience=3) is None
+
+
+def test_a_regression_collapse_may_drift_while_the_constant_is_learned():
+    drifting = history(3, task="regression", spread=0.01, reference_spread=1.0, churn=0.9)
+    assert prediction_collapse(drifting, patience=3) is not None
+
+
 def test_collapse_is_not_judged_while_the_loss_still_falls_fast():
     falling = history(3, top=1.0)
     falling = falling[:1] + [dataclass_replace(r, loss=2.0 / (i + 1)) for i, r in enumerate(falling[1:])]

@@ -143,7 +143,10 @@ PLATEAU_SMALL_NOISE_WIDTHS = 3.0
 PLATEAU_TINY_FRACTION = 0.05
 
 # overfitting.
-#: validation evaluations after the best one before the rise is believed (early stopping's patience).
+#: validation evaluations after the best one before the rise is believed (early stopping's
+#: patience). A rise must hold over all of them, so it is its own confirmation: CurveWatch
+#: reports it at once rather than one more validation interval later. A stalled validation
+#: with a widening gap is weaker evidence and still waits for CONFIRM evaluations.
 OVERFIT_PATIENCE = 2
 #: the rise must undo this fraction of what validation gained from the untrained model's loss
 #: (or of the training progress since, when validation never improved). Validation
@@ -1040,6 +1043,12 @@ class Update:
 _EVENT_CHECKS = frozenset({"loss_spike"})
 
 
+def _confirmed_within(verdict: Verdict) -> bool:
+    """A verdict whose own evidence already spans several evaluations (a validation rise held
+    for OVERFIT_PATIENCE evaluations): confirming it again would only delay it."""
+    return verdict.check == "overfitting" and verdict.data.get("shape") == "rising"
+
+
 class CurveWatch:
     """The curves of one run, judged again at each evaluation, with warm-up, confirmation and
     escalation. Framework-free: the callback feeds it live, ``flightcheck analyze`` replays a
@@ -1214,7 +1223,13 @@ class CurveWatch:
             self._missed.pop(key, None)
             count = self._seen.get(key, 0) + 1
             self._seen[key] = count
-            needed = 1 if v.check in _EVENT_CHECKS or (final and Severity.coerce(v.severity) is Severity.ERROR) else self.confirm
+            needed = (
+                1
+                if v.check in _EVENT_CHECKS
+                or _confirmed_within(v)
+                or (final and Severity.coerce(v.severity) is Severity.ERROR)
+                else self.confirm
+            )
             if count < needed:
                 continue
             severity = Severity.coerce(v.severity)

@@ -40,6 +40,14 @@ COLLAPSE_MIN_ANSWERS = 8
 #: Regression: predictions spread across inputs less than this fraction of the targets'
 #: spread (for calibrated predictions, an R^2 below 0.25%: the model answers the mean).
 COLLAPSE_SPREAD_RATIO = 0.05
+#: Classification: a collapse whose one answer switches class from probe to probe (more
+#: than this share of the answers changed since the previous probe; two collapsed probes
+#: agree on nearly every answer or on nearly none, so the midpoint splits them) is a model
+#: at the label prior with near-uniform outputs, its argmax flipping. A sound model sits
+#: there before it breaks symmetry (a GRU measured 90 steps of 250, one answer for 4 probes
+#: in a row), so such a collapse must hold for twice the patience; a settled one (dead
+#: units, a constant output, the majority class) keeps its answer and is reported at once.
+COLLAPSE_MAX_CHURN = 0.5
 
 #: The loss counts as flat when the median of the window's interval losses is less than this
 #: fraction below the median of the window before. Collapse and instability are judged only
@@ -231,10 +239,18 @@ def prediction_collapse(
     readings: Sequence[ProbeReading], *, warmup_steps: int = 0, patience: int = DEFAULT_PATIENCE
 ) -> Verdict | None:
     """The model gives (nearly) the same answer to every input of the probe, on ``patience``
-    probes in a row, past the warm-up, with the loss no longer improving."""
+    probes in a row, past the warm-up, with the loss no longer improving. A classifier whose
+    one answer switches class between probes needs twice the patience (:data:`COLLAPSE_MAX_CHURN`)."""
     window = _window(readings, patience, warmup_steps)
     if window is None or not all(is_collapsed(r) for r in window):
         return None
+    if window[-1].task != "regression" and any(
+        _finite(r.churn) and r.churn > COLLAPSE_MAX_CHURN for r in window[1:]  # type: ignore[operator]
+    ):
+        # The one answer switches class: the prior phase a sound model passes through, unless it lasts.
+        window = _window(readings, 2 * patience, warmup_steps)
+        if window is None or not all(is_collapsed(r) for r in window):
+            return None
     improvement = loss_improvement(readings, patience)
     if improvement is not None and improvement >= FLAT_LOSS_IMPROVEMENT:
         return None  # still learning fast: a one-answer phase, not (yet) a collapse
@@ -254,7 +270,7 @@ def prediction_collapse(
         versus = "the targets do" if last.reference == "targets" else "they did at their most varied"
         message = (
             f"The model's predictions differ across the probe's {last.answers} inputs only {ratio:.1%} as much "
-            f"as {versus}, over {patience} probes ({_steps(window)}){still}."
+            f"as {versus}, over {len(window)} probes ({_steps(window)}){still}."
         )
         data.update(spread=last.spread, reference_spread=last.reference_spread, spread_ratio=ratio)
         causes = (
@@ -273,7 +289,7 @@ def prediction_collapse(
         if last.task == "multilabel" and judged > 1:
             message = (
                 f"The model gives the same yes/no answer to at least {min(last.top_share):.0%} of the probe's "
-                f"{last.answers} inputs on every one of its {judged} judged labels over {patience} probes "
+                f"{last.answers} inputs on every one of its {judged} judged labels over {len(window)} probes "
                 f"({_steps(window)}){still}."
             )
         else:
@@ -285,7 +301,7 @@ def prediction_collapse(
             )
             message = (
                 f"The model gives {what} for {last.top_share[0]:.0%} of the probe's {last.answers} answers "
-                f"over {patience} probes ({_steps(window)}){labels}{still}."
+                f"over {len(window)} probes ({_steps(window)}){labels}{still}."
             )
         causes = (
             "the model ignores its input and answers the most frequent or most rewarded class "
@@ -437,6 +453,7 @@ def prediction_stagnation(
 
 
 __all__ = [
+    "COLLAPSE_MAX_CHURN",
     "COLLAPSE_MINORITY_RATIO",
     "COLLAPSE_MIN_ANSWERS",
     "CONFIDENT_MARGIN",
