@@ -53,6 +53,11 @@ from torch.nn import functional as F
 #: the update ratio on every step for its first 100 steps, then on every 4th and on logging
 #: steps), so the figures are those of the long stretch of a run. ``--warmup 5`` times the start-up.
 WARMUP_STEPS = 110
+#: The run the trainer is told it is in (``max_steps``); the data runs out long before. The
+#: monitors look more often on short runs (at least 32 looks per planned run), so a 161-step
+#: plan would time a look every 10 steps; a long plan times the cadence of a real run, a look
+#: per ``log_every_n_steps``.
+PLANNED_STEPS = 100_000
 
 
 # ----------------------------------------------------------------------------- the model
@@ -155,16 +160,17 @@ class HookClock:
 class StepTimer(pl.Callback):
     """Wall time from one batch start to the next (CPU); the window's total time on CUDA."""
 
-    def __init__(self, cuda: bool, clock: HookClock) -> None:
+    def __init__(self, cuda: bool, clock: HookClock, last: int) -> None:
         self.cuda = cuda
         self.clock = clock
+        self.last = last  # the final batch: its start closes the timed window
         self.starts: list[float] = []
         self.hook_marks: list[float] = []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if self.cuda and batch_idx in (WARMUP_STEPS, trainer.max_steps - 1):
+        if self.cuda and batch_idx in (WARMUP_STEPS, self.last):
             torch.cuda.synchronize()  # window edges only: the steps between keep their asynchrony
-        self.clock.running = WARMUP_STEPS <= batch_idx < trainer.max_steps - 1
+        self.clock.running = WARMUP_STEPS <= batch_idx < self.last
         self.starts.append(time.perf_counter())
         self.hook_marks.append(self.clock.total)
 
@@ -243,7 +249,7 @@ def run_variant(make: Callable[[], list[Any]], device: str, steps: int, batch_si
     callbacks = make()
     cuda = device == "cuda"
     clock = HookClock(callbacks)
-    timer = StepTimer(cuda, clock)
+    timer = StepTimer(cuda, clock, last=steps + WARMUP_STEPS)
     torch.manual_seed(0)
     model = MLP()
     if cuda:
@@ -253,7 +259,7 @@ def run_variant(make: Callable[[], list[Any]], device: str, steps: int, batch_si
     trainer = pl.Trainer(
         accelerator="gpu" if cuda else "cpu",
         devices=1,
-        max_steps=steps + WARMUP_STEPS + 1,
+        max_steps=PLANNED_STEPS,  # the data ends the run after steps + WARMUP_STEPS + 1 batches
         max_epochs=1,
         logger=pl.loggers.TensorBoardLogger(tmp, name="overhead"),
         callbacks=[timer, *callbacks],

@@ -361,6 +361,28 @@ def test_gradients_cleared_any_usual_way_are_not_reported(tmp_path, zero, accumu
     assert _loud(monitor) == []
 
 
+class StopsZeroingAt(ManualSteps):
+    """Clears its gradients until ``step``, then a code path that forgets to (a refactor that
+    moved ``zero_grad`` under a condition)."""
+
+    def __init__(self, step, **kwargs):
+        super().__init__(zero="before_backward", **kwargs)
+        self.stop_at = step
+
+    def training_step(self, batch, batch_idx):
+        self.zero = "before_backward" if self.global_step < self.stop_at else "never"
+        return super().training_step(batch, batch_idx)
+
+
+def test_gradients_left_uncleared_late_in_a_run_are_reported_within_a_few_looks(tmp_path):
+    # Past the first 100 steps the watch samples on looks only (every 10 steps here).
+    monitor, _ = _fit(tmp_path, StopsZeroingAt(150, lr=0.001), steps=220, data=_noisy_clusters(),
+                      log_every_n_steps=10)
+    found = _not_cleared(monitor)
+    assert [f.check for f in found] == ["grad_explosion"]
+    assert 150 <= found[0].step <= 150 + 4 * 10
+
+
 class ZeroGradOverridden(TinyClassifier):
     """Automatic optimisation with ``optimizer_zero_grad`` overridden to do nothing."""
 

@@ -267,15 +267,15 @@ def _fitting(trainer: Any) -> bool:
 
 # --------------------------------------------------------------------------- schedule
 class ProbeSchedule:
-    """Every ``every_n_steps`` optimizer steps (default: flightcheck's look interval, the
-    trainer's ``log_every_n_steps`` on a long run, so the one host transfer of a probe falls on
-    a step where Lightning already syncs)."""
+    """Every ``every_n_steps`` optimizer steps (default: flightcheck's look interval,
+    :func:`~flightcheck.callbacks.base.look_interval`, so the one host transfer of a probe
+    falls on a step where the other monitors look, and on a long run where Lightning logs)."""
 
     def __init__(self, every_n_steps: int | None = None) -> None:
         if every_n_steps is not None and (
             isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1
         ):
-            raise ValueError(f"every_n_steps must be None (the trainer's log_every_n_steps) or an int >= 1, got {every_n_steps!r}")
+            raise ValueError(f"every_n_steps must be None (flightcheck's look interval) or an int >= 1, got {every_n_steps!r}")
         self.every_n_steps = every_n_steps
         self.last_step: int | None = None
         self._boundary = -1
@@ -287,7 +287,7 @@ class ProbeSchedule:
         """Whether the step just taken crossed a multiple of the interval (steps can advance by
         several at once under manual optimisation with many optimizers). A multiple that falls
         within half an interval of the last probe is skipped, not postponed, so probes stay on
-        the logging steps."""
+        the looks."""
         if self.last_step is None:
             self.mark(trainer)  # counting starts now
             return False

@@ -189,7 +189,8 @@ class ActivationMonitor(FlightcheckCallback):
 
     Args:
         probe_batch: the batch to run, as your data loader yields it (see above for the default).
-        every_n_steps: optimizer steps between probes. Default: the trainer's ``log_every_n_steps``.
+        every_n_steps: optimizer steps between probes. Default: flightcheck's look interval
+            (:func:`~flightcheck.callbacks.base.look_interval`).
         prediction_fn: ``prediction_fn(pl_module, batch) -> Tensor``, the forward pass to record;
             default as in ``PredictionStability`` (``pl_module(x)`` with the batch's input).
         warmup_steps: no verdict before this global step. Default: two probe intervals.

@@ -72,16 +72,18 @@ _RING_ELEMENTS = 2**20
 #: The update ratio needs each tensor's sampled block copied before the step and compared
 #: after it: four small fused ops, on a CPU about as much as the rest of the monitor. It is
 #: measured on every step for the first ``_DENSE_UPDATE_STEPS`` steps (where a learning rate
-#: far off and parameters that never update show), on every logging step, and in between on
+#: far off and parameters that never update show), on every look, and in between on
 #: every ``_UPDATE_EVERY``-th step of each optimizer: the ratio's median and the weights'
 #: growth are trends over tens of steps, and a step that blows the weights up also shows in
 #: the gradients.
 _DENSE_UPDATE_STEPS = 100
 _UPDATE_EVERY = 4
-#: Gradients never cleared are judged over the counts of this many recent intervals.
+#: Gradients never cleared are sampled on the dense steps (the bug shows from the first step)
+#: and then on looks only (a few tiny kernels per look interval), and judged over the counts of
+#: this many recent intervals.
 _STALE_INTERVALS = 4
 #: A finding is re-armed (reported again if it comes back) after its judge found the run
-#: clear on this many logging intervals in a row.
+#: clear on this many look intervals in a row.
 _CLEAR_AFTER = 3
 
 
@@ -234,7 +236,7 @@ class GradientMonitor(FlightcheckCallback):
     gradients, spikes, runaway weights, parameters that never update or never get a gradient.
 
     Costs one fused read of the gradients per step (shared with ``NonFiniteGuard``) plus a few
-    small device ops, and no host-device synchronisation outside logging steps.
+    small device ops, and no host-device synchronisation outside its looks.
 
     Args:
         depth: how many levels of module names make a layer: ``encoder.layers.3.attn.q.weight``
@@ -360,6 +362,7 @@ class GradientMonitor(FlightcheckCallback):
         self._rows_taken = 0
         self._unmeasured = [0] * (lay.K + 1)  # per optimizer slot: its steps since its update was measured
         self._row_measured = False
+        self._row_sentinel = False
         self._batch_open = False
         self._row_due = False
         self._row_step = 0
@@ -378,7 +381,7 @@ class GradientMonitor(FlightcheckCallback):
                 per_param[name] = [*stats[i], had]
         pending = None
         if lay is not None and lay.params and self._meta:
-            # rows of steps not judged yet (a checkpoint between two logging steps): a resumed
+            # rows of steps not judged yet (a checkpoint between two looks): a resumed
             # run judges them as the uninterrupted run would have (checkpoint time only)
             pending = {
                 "names": list(lay.names),
@@ -525,7 +528,7 @@ class GradientMonitor(FlightcheckCallback):
         self._row_lrs[k] = _learning_rate(optimizer)
         params, norms = step_grad_norms(trainer, optimizer)
         with torch.no_grad():
-            self._stale.stepped(k, params, snapshot=self._row_measured)
+            self._stale.stepped(k, params, snapshot=self._row_sentinel)
         if params:
             self._row_stepped.append(k)
             with torch.no_grad():
@@ -547,8 +550,9 @@ class GradientMonitor(FlightcheckCallback):
         self._row_stepped: list[int] = []  # optimizer slots that had gradients on this step
         # Every optimizer's update is measured at least every _UPDATE_EVERY of its own steps (a
         # stride over the rows would alias with optimizers that take turns, as in a GAN).
-        self._row_measured = (self._rows_taken < _DENSE_UPDATE_STEPS or looking_due(trainer)
-                              or self._unmeasured[k] >= _UPDATE_EVERY - 1)
+        dense_or_look = self._rows_taken < _DENSE_UPDATE_STEPS or looking_due(trainer)
+        self._row_sentinel = dense_or_look  # the stale-gradient watch samples these steps only
+        self._row_measured = dense_or_look or self._unmeasured[k] >= _UPDATE_EVERY - 1
         if not self._row_measured:
             return
         lay.sample.snapshot()
@@ -613,7 +617,7 @@ class GradientMonitor(FlightcheckCallback):
 
     def _check_train_mode(self, trainer: Any, pl_module: Any) -> None:
         """Dropout / batch norm left in eval mode by the step (a ``model.eval()`` in
-        ``training_step`` or an epoch hook); read on logging steps only, from module flags."""
+        ``training_step`` or an epoch hook); read on looks only, from module flags."""
         verdict = judge_modes.judge_train_mode(*judge_modes.current_modes(pl_module))
         if verdict is None:
             self.resolve("train_mode")
@@ -626,7 +630,7 @@ class GradientMonitor(FlightcheckCallback):
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         self._flush(trainer)
 
-    # ------------------------------------------------------------------ once per logging interval, on the host
+    # ------------------------------------------------------------------ once per look interval, on the host
     def _flush(self, trainer: Any) -> None:
         lay = self._layout
         if lay is None or not lay.params or not self._meta:
@@ -695,8 +699,8 @@ class GradientMonitor(FlightcheckCallback):
     def _absorb_rows(self, lay: _Layout, rows: np.ndarray, meta: list, clip: float) -> dict[str, float]:
         """Extend the host-side histories with the interval's rows and judge its spikes.
 
-        Returns the totals to chart at this logging step: the latest step's, and the largest
-        gradient norm of the interval (a spike between two logging steps stays visible).
+        Returns the totals to chart at this look: the latest step's, and the largest
+        gradient norm of the interval (a spike between two looks stays visible).
         """
         numel = np.maximum(lay.layer_numel, 1)
         metrics: dict[str, float] = {}
@@ -899,7 +903,7 @@ class GradientMonitor(FlightcheckCallback):
     # ------------------------------------------------------------------ charts
     def _layer_metrics(self, trainer: Any, lay: _Layout, rows: np.ndarray, meta: list,
                        layer_w: np.ndarray) -> dict[str, float]:
-        """Per-layer scalars at a logging step: the charted layers, and the rest summed as ``other``."""
+        """Per-layer scalars at a look: the charted layers, and the rest summed as ``other``."""
         metrics = {"flightcheck/weight_norm/total": float(np.sqrt(layer_w.sum()))}
         grad = np.full(lay.L, np.nan)
         delta, weight = np.zeros(lay.L), np.zeros(lay.L)
@@ -962,7 +966,7 @@ class _FlushPlan:
     def __init__(self) -> None:
         self.sharded: bool | None = None
         self.open = False  # an optimizer step was taken in this batch
-        self.due = False  # ... on a logging step
+        self.due = False  # ... on a look
         self.rows = 0  # steps since the last flush
 
 

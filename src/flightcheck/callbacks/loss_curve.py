@@ -106,7 +106,7 @@ class LossCurveMonitor(FlightcheckCallback):
         escalate_after: consecutive evaluations after which a persisting warning becomes an
             error (default 8).
         log_curves: log ``flightcheck/curves/*`` scalars (smoothed loss, trend, noise, gap)
-            once per logging interval.
+            once per look interval.
         summary: write the end-of-fit summary.
         on_finding: called with each new finding (on global rank 0).
 
@@ -260,7 +260,7 @@ class LossCurveMonitor(FlightcheckCallback):
             self._drain()
             self._buffer = torch.empty(_BUFFER_SIZE, dtype=torch.float32, device=loss.device)
         elif len(self._buffer_steps) == self._buffer.numel():
-            self._drain()  # full before a logging step came: one early read
+            self._drain()  # full before a look came: one early read
         self._buffer[len(self._buffer_steps)].copy_(loss)  # a device-side copy: no synchronisation
         self._buffer_steps.append(step)
 

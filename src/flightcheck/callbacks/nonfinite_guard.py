@@ -20,7 +20,7 @@ Cost:
     one look interval late; by then the bad update has usually reached the
     weights, so the guard does not replay the batch through broken weights: it says what
     went non-finite first, and whether that batch's data already held NaN/Inf. When the
-    logging step is itself bad and the weights are still finite, it replays and saves a
+    look's own step is bad and the weights are still finite, it replays and saves a
     reproducer as the other modes do. Measured on CPU (10M-parameter MLP, batch 64): about
     1.9 ms per step in the guard's hooks, 1.4 ms of which is the fused gradient read.
 
@@ -99,10 +99,10 @@ _SYNCED_ACTIONS = ("skip", "stop", "raise")
 # Rows kept on the device between two looks (one per batch); more are folded on the device.
 _MAX_ROWS = 256
 #: optimizer steps of gradient-norm history behind "was the run diverging before it went
-#: non-finite" (Lightning's default logging interval; checks.nonfinite.DIVERGENCE_GROWTH is
-#: judged over it).
+#: non-finite" (Lightning's default logging interval, a few looks on a short run;
+#: checks.nonfinite.DIVERGENCE_GROWTH is judged over it).
 _TREND_LOOKBACK = 50
-# Folded blocks waiting for a look; reached only when no logging step comes, then look anyway.
+# Folded blocks waiting for a look; reached only when no look comes, then look anyway.
 _MAX_FOLDED = 32
 
 # Each reproducer holds a full copy of the weights: keep the first few episodes only.
@@ -708,7 +708,7 @@ class _Records:
 
     @property
     def look_due(self) -> bool:
-        # folds pile up only when nothing looks (no logging steps): look once in a while
+        # folds pile up only when nothing looks (no looks come): look once in a while
         return len(self._folded) >= _MAX_FOLDED
 
     def write(self, stream: Hashable, layout: Hashable, columns: Callable[[], list[tuple[str, str]]],

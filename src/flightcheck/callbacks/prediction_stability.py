@@ -246,7 +246,7 @@ class PredictionStability(FlightcheckCallback):
                 return
         # the untrained model's answers, the reference, when the probe is already known (given,
         # or from the sanity check); a probe taken from the first training batch starts at the
-        # first scheduled step instead, so no step outside the logging steps syncs
+        # first scheduled step instead, so no step outside the looks syncs
         self._probe(trainer, pl_module)
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
