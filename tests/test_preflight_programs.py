@@ -484,6 +484,34 @@ def test_imbalance_handled_by_a_weighted_loss_is_not_reported(model):
     assert run_preflight(MLP(), _imbalanced(), checks=["class_imbalance"])["class_imbalance"].status.value == "warn"
 
 
+def _imbalanced_first_batch_lucky(majority_share, n=512, batch_size=32):
+    """Labels at ``majority_share`` of class 0 in a shuffled loader, arranged so that the first
+    batch the loader yields holds 2 minority samples (93.8%: only a note on its own)."""
+    x, _ = cluster_data(n=n)
+    minority = round(n * (1 - majority_share))
+    # The loader's first epoch, by index (same seed, same shuffle; the pre-flight puts its generator back).
+    order = torch.cat([idx for (idx,) in _loader(torch.arange(n), batch_size=batch_size)]).tolist()
+    y = torch.zeros(n, dtype=torch.long)
+    first, rest = order[:batch_size], order[batch_size:]
+    y[first[:2]] = 1
+    spread = rest[:: len(rest) // (minority - 2)][: minority - 2]  # the rest evenly over the epoch
+    y[spread] = torch.tensor([1, 2]).repeat(minority)[: minority - 2]
+    return _loader(x, y)
+
+
+def test_class_imbalance_pools_the_leading_batches_when_the_first_one_is_unrepresentative():
+    first_y = next(iter(_imbalanced_first_batch_lucky(0.97)))[1]
+    assert int((first_y != 0).sum()) == 2  # the first batch alone: 30 of 32, a note
+    result = run_preflight(MLP(), _imbalanced_first_batch_lucky(0.97), checks=["class_imbalance"])["class_imbalance"]
+    assert result.status.value == "warn", result.message
+    assert "of the first 8 batches' 256 samples" in result.message
+
+
+def test_data_at_80_percent_majority_is_not_a_warning_when_pooled():
+    result = run_preflight(MLP(), _imbalanced_first_batch_lucky(0.8), checks=["class_imbalance"])["class_imbalance"]
+    assert result.status.value != "warn", result.message
+
+
 class KeywordTokens(Program):
     """Token ids and a mask in a dict batch, the model called with keyword arguments."""
 

@@ -15,6 +15,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from flightcheck.callbacks.preflight import Preflight
+from flightcheck.preflight import fetch
 from flightcheck.preflight.fetch import first_batch
 from flightcheck.preflight.sandbox import Snapshot
 
@@ -132,6 +133,30 @@ def test_first_real_step_sees_the_untouched_model_and_loader(tmp_path):
     assert checked.modes == plain.modes and checked.dropout == plain.dropout == [0.3]
     assert checked.steps == 0 and checked.global_step == 0
     assert "train_loss" not in checked.logged  # self.log during the pre-flight went nowhere
+
+
+class _FirstBatchSeen(pl.Callback):
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx == 0:
+            self.batch = batch[0].clone()
+
+
+def test_the_preflight_checks_the_batch_training_receives_first(tmp_path, monkeypatch):
+    # A shuffled loader with its own generator: starting an iterator draws a seed from that
+    # generator before the sampler shuffles with it, so a copy without it shuffles otherwise.
+    from flightcheck.preflight import battery
+
+    checked = []
+
+    def recording(trainer, module):
+        batch = fetch.first_batch(trainer, module)
+        checked.append(batch[0].clone())
+        return batch
+
+    monkeypatch.setattr(battery, "first_batch", recording)
+    seen = _FirstBatchSeen()
+    _train(tmp_path, [Preflight(checks=["nonfinite_input"]), seen], steps=1)
+    assert len(checked) == 1 and torch.equal(checked[0], seen.batch)
 
 
 def test_snapshot_restores_weights_optimizer_and_module_state():

@@ -54,9 +54,13 @@ def single_process(loader: DataLoader) -> DataLoader:
         return DataLoader(
             loader.dataset, batch_size=loader.batch_size, drop_last=loader.drop_last, collate_fn=loader.collate_fn
         )
+    # The loader's own generator too: starting an iterator draws a base seed from it before the
+    # sampler shuffles with it, and without that draw the copy would shuffle differently.
     if loader.batch_sampler is not None:
-        return DataLoader(loader.dataset, batch_sampler=loader.batch_sampler, collate_fn=loader.collate_fn)
-    return DataLoader(loader.dataset, batch_size=None, sampler=loader.sampler, collate_fn=loader.collate_fn)
+        return DataLoader(loader.dataset, batch_sampler=loader.batch_sampler, collate_fn=loader.collate_fn,
+                          generator=loader.generator)
+    return DataLoader(loader.dataset, batch_size=None, sampler=loader.sampler, collate_fn=loader.collate_fn,
+                      generator=loader.generator)
 
 
 def _first(iterable: Any) -> Any:
@@ -130,9 +134,37 @@ def first_batch(trainer: Any, module: Any) -> Any:
         return trainer.strategy.batch_to_device(batch, dataloader_idx=0)
 
 
+def leading_batches(trainer: Any, module: Any, n: int, seconds: float) -> list[Any]:
+    """Up to ``n`` of the first training batches (the first included), as ``training_step``
+    would receive them but left on the host, taken within about ``seconds``; the same care as
+    :func:`first_batch` (a single-process copy, every generator put back). Only for training
+    data that is one ``DataLoader``; otherwise, or when none can be taken, an empty list."""
+    import time
+
+    batches: list[Any] = []
+    with preserved_rng():
+        try:
+            train_data = request_train_data(trainer)
+        except Exception:  # noqa: BLE001 - no data source: nothing more to read
+            return batches
+        if not isinstance(train_data, DataLoader):
+            return batches
+        with generators_preserved([train_data]):
+            deadline = time.perf_counter() + seconds
+            try:
+                for batch in single_process(train_data):
+                    batches.append(module._on_before_batch_transfer(batch, dataloader_idx=0))
+                    if len(batches) >= n or time.perf_counter() > deadline:
+                        break
+            except Exception:  # noqa: BLE001 - a loader that fails past its first batch: keep what came
+                pass
+    return batches
+
+
 __all__ = [
     "NoBatch",
     "first_batch",
+    "leading_batches",
     "flatten_loaders",
     "generators_preserved",
     "loader_generators",
