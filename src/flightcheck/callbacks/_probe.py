@@ -275,7 +275,9 @@ class ProbeSchedule:
         if every_n_steps is not None and (
             isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1
         ):
-            raise ValueError(f"every_n_steps must be None (flightcheck's look interval) or an int >= 1, got {every_n_steps!r}")
+            raise ValueError(
+                f"every_n_steps must be None (flightcheck's look interval) or an int >= 1, got {every_n_steps!r}"
+            )
         self.every_n_steps = every_n_steps
         self.last_step: int | None = None
         self._boundary = -1

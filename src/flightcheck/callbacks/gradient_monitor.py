@@ -13,8 +13,9 @@ hook and clips them after it) the monitor takes:
 
 Every figure stays on the device, one row per step in a small ring buffer, so no step
 between two looks is missed. Every look interval (Lightning's ``log_every_n_steps``, or
-less on a short run: :func:`~flightcheck.callbacks.base.look_interval`) and at the end of each epoch the rows go to the host as one tensor, together with the exact
-per-layer weight norms; every step of the interval is judged by
+less on a short run: :func:`~flightcheck.callbacks.base.look_interval`) and at the end of
+each epoch the rows go to the host as one tensor, together with the exact per-layer weight
+norms; every step of the interval is judged by
 :mod:`flightcheck.checks.gradients`, and the look's step is charted:
 
 - ``flightcheck/grad_norm/total``, ``flightcheck/weight_norm/total``,
@@ -650,7 +651,8 @@ class GradientMonitor(FlightcheckCallback):
             else:
                 flat = torch.cat([squares.reshape(-1), weights])
             stale, judged = self._stale.take()  # this rank's own: every rank sees the same code path
-            host = torch.cat([flat, stale]).cpu().numpy().astype(np.float64)  # the one device-to-host transfer of the interval
+            # the one device-to-host transfer of the interval
+            host = torch.cat([flat, stale]).cpu().numpy().astype(np.float64)
             self._ring[:n].zero_()  # a row's columns are written only by the steps that have them
         host, stale_host = host[: -stale.numel()], host[-stale.numel() :]
         for k, seen in enumerate(judged):

@@ -200,7 +200,8 @@ class NonFiniteGuard(FlightcheckCallback):
         self._scale = _LossScaleWatch()
         self._param_names = {id(p): n for n, p in pl_module.named_parameters()}
         self._forward_talks = _forward_communicates(pl_module)
-        self._records.capacity = min(_MAX_ROWS, look_interval(trainer) * int(getattr(trainer, "accumulate_grad_batches", 1) or 1) + 2)
+        accumulate = int(getattr(trainer, "accumulate_grad_batches", 1) or 1)
+        self._records.capacity = min(_MAX_ROWS, look_interval(trainer) * accumulate + 2)
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         if not self._window_open or not self._synced or not pl_module.automatic_optimization:
