@@ -13,6 +13,7 @@ would have. The batch then goes through the same hooks as a real one
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -139,8 +140,6 @@ def leading_batches(trainer: Any, module: Any, n: int, seconds: float) -> list[A
     would receive them but left on the host, taken within about ``seconds``; the same care as
     :func:`first_batch` (a single-process copy, every generator put back). Only for training
     data that is one ``DataLoader``; otherwise, or when none can be taken, an empty list."""
-    import time
-
     batches: list[Any] = []
     with preserved_rng():
         try:
