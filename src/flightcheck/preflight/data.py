@@ -15,6 +15,7 @@ from torch.nn import functional as F
 
 from flightcheck.checks import Verdict
 from flightcheck.preflight.context import LabelOutOfRange, PreflightContext
+from flightcheck.preflight.fetch import leading_batches
 from flightcheck.preflight.registry import Skip, register
 from flightcheck.preflight.roles import get_at, leaves, path_str
 from flightcheck.preflight.task import IGNORE_INDEX, align_classes, close, is_integer
@@ -446,8 +447,6 @@ def class_imbalance(ctx: PreflightContext) -> Iterator[Verdict]:
 def _pooled_targets(ctx: PreflightContext) -> tuple[int, Tensor] | None:
     """``(batches, labels)``: the labels of the leading training batches, one tensor; ``None``
     when fewer than two batches could be read or their labels are not class ids."""
-    from flightcheck.preflight.fetch import leading_batches
-
     try:
         batches = leading_batches(ctx.trainer, ctx.module, IMBALANCE_BATCHES, IMBALANCE_SECONDS)
         targets = [get_at(b, ctx.target_path) for b in batches]
